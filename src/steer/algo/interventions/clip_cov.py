@@ -1,0 +1,104 @@
+"""Clip-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning
+Language Models", arXiv 2505.22617).
+
+With the covariance score ``C_t = (A_t - mean A)(log pi_t - mean log pi)`` over valid tokens
+(:mod:`steer.algo.interventions.covariance`), the candidates are the valid tokens with
+``omega_low < C_t < omega_high`` whose gradient is not already cut by the PPO clip (low, high or
+dual). ``max(1, floor(r * N))`` of them (``N`` = valid tokens) are drawn uniformly at random with a
+seeded generator and their policy loss is set to zero (a keep mask), so they contribute no gradient.
+
+Defaults are the paper's and verl's: ``r = 2e-4``, ``omega_low = 1``, ``omega_high = 5``. The
+published recipe also loosens the PPO clip to 1 (a clip setting, not part of this class).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
+from steer.algo.interventions.covariance import covariance_score, valid_token_count
+from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, all_gather_1d, check_scope
+
+
+class ClipCov(Intervention):
+    """Zero the loss of a random ``r`` share of the tokens whose covariance score lies in a band.
+
+    Args:
+        ratio: ``r`` in (0, 1], the share of valid tokens to detach.
+        omega_low, omega_high: the band ``omega_low < C_t < omega_high``.
+        seed: seeds the generator of the random draw (checkpointed with :meth:`state_dict`).
+        scope: ``microbatch`` (released code) or ``global`` (mini-batch, all ranks; every rank
+            draws the same permutation, so ranks must share the seed).
+    """
+
+    name = "clip_cov"
+
+    def __init__(
+        self,
+        ratio: float = 2e-4,
+        omega_low: float = 1.0,
+        omega_high: float = 5.0,
+        seed: int = 0,
+        scope: str = "microbatch",
+    ) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"clip_cov ratio must be in (0, 1], got {ratio}")
+        if not omega_low < omega_high:
+            raise ValueError(
+                f"clip_cov needs omega_low < omega_high, got omega_low={omega_low}, omega_high={omega_high}"
+            )
+        self.ratio = ratio
+        self.omega_low = omega_low
+        self.omega_high = omega_high
+        self.scope = check_scope(scope)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._cursor: RowCursor | None = None
+
+    @property
+    def needs_minibatch_pass(self) -> bool:
+        return self.scope == "global"
+
+    def select(self, tokens: PolicyTokens, ppo: PPOTerms, across_ranks: bool = False) -> torch.Tensor:
+        """The ``[B, T]`` bool mask of the tokens drawn (advances the generator)."""
+        valid = tokens.mask.bool()
+        score = covariance_score(ppo.advantages, tokens.logprobs, valid, across_ranks)
+        candidates = valid & ~ppo.clipped & (score > self.omega_low) & (score < self.omega_high)
+        flat = candidates.flatten().nonzero().squeeze(1)
+        count = max(1, int(self.ratio * valid_token_count(valid, across_ranks)))
+        offset, total = 0, flat.numel()
+        if across_ranks:  # number the candidates of all ranks in rank order, draw once for all
+            counts, rank = all_gather_1d(torch.tensor([flat.numel()], device=flat.device))
+            offset, total = int(counts[:rank].sum()), int(counts.sum())
+        drawn = torch.randperm(total, generator=self.generator)[:count].to(flat.device)
+        mine = drawn[(drawn >= offset) & (drawn < offset + flat.numel())] - offset
+        selected = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+        selected[flat[mine]] = True
+        return selected.view_as(valid)
+
+    def begin_minibatch(self, tokens: PolicyTokens, ppo: PPOTerms | None = None) -> None:
+        if ppo is None:
+            raise ValueError("clip_cov with scope=global " + NEEDS_PPO)
+        self._cursor = RowCursor(self.select(tokens, ppo, across_ranks=True))
+
+    def token_mask(
+        self, tokens: PolicyTokens, ppo: PPOTerms, metrics: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        if self.scope == "global":
+            if self._cursor is None:
+                raise RuntimeError("clip_cov with scope=global: begin_minibatch was not called")
+            selected = self._cursor.take(*tokens.mask.shape).to(tokens.mask.device)
+        else:
+            selected = self.select(tokens, ppo)
+        valid = tokens.mask.bool()
+        selected = selected & valid
+        metrics[f"intervention/{self.name}/selected_count"] = selected.sum().float()
+        metrics[f"intervention/{self.name}/share_masked"] = selected.sum().float() / valid.sum().clamp(min=1)
+        return ~selected
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

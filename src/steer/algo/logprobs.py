@@ -1,0 +1,114 @@
+"""Per-token log-probabilities and entropies of sampled responses, without materialising all logits.
+
+A 50k-vocabulary model on a batch of 64 x 3072 response tokens would need 40 GB of float32 logits.
+We run the transformer backbone once, keep only the hidden states of the positions that predict
+response tokens, and push them through the output head a chunk of tokens at a time. Under autograd
+each chunk is wrapped in activation checkpointing, so the backward pass recomputes a chunk's logits
+instead of storing them: peak memory is one chunk of logits, not the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def logprobs_and_entropy_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and the entropy of the (tempered) softmax.
+
+    Args:
+        logits: ``[..., V]`` raw scores (any float dtype; computed in float32).
+        targets: ``[...]`` token ids.
+        temperature: logits are divided by it, matching the sampler.
+
+    Returns:
+        ``(logprob, entropy)``, both ``[...]`` float32. Entropy is
+        ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` in nats.
+    """
+    z = logits.float() / temperature
+    log_norm = torch.logsumexp(z, dim=-1)
+    logprob = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy = log_norm - (F.softmax(z, dim=-1) * z).sum(-1)
+    return logprob, entropy
+
+
+def _head_chunk(hidden, weight, bias, targets, temperature):
+    logits = F.linear(hidden, weight, bias)
+    return logprobs_and_entropy_from_logits(logits, targets, temperature)
+
+
+def chunked_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    head_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as applying the output head then :func:`logprobs_and_entropy_from_logits`, chunked.
+
+    Args:
+        hidden: ``[B, T, D]`` final hidden states at the positions that predict ``targets``.
+        head_weight: ``[V, D]`` output projection (``lm_head.weight``).
+        targets: ``[B, T]`` token ids.
+        chunk_tokens: tokens per chunk; at most ``chunk_tokens x V`` logits exist at once.
+
+    Returns:
+        ``(logprob, entropy)``, each ``[B, T]`` float32.
+    """
+    batch, length, dim = hidden.shape
+    flat_hidden = hidden.reshape(-1, dim)
+    flat_targets = targets.reshape(-1)
+    use_checkpoint = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
+    logprobs, entropies = [], []
+    for start in range(0, flat_hidden.shape[0], chunk_tokens):
+        h = flat_hidden[start : start + chunk_tokens]
+        t = flat_targets[start : start + chunk_tokens]
+        if use_checkpoint:
+            lp, ent = checkpoint(_head_chunk, h, head_weight, head_bias, t, temperature, use_reentrant=False)
+        else:
+            lp, ent = _head_chunk(h, head_weight, head_bias, t, temperature)
+        logprobs.append(lp)
+        entropies.append(ent)
+    return torch.cat(logprobs).view(batch, length), torch.cat(entropies).view(batch, length)
+
+
+def response_logprobs_and_entropy(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the response tokens of ``[prompt | response]`` sequences.
+
+    Args:
+        model: a Hugging Face causal LM (``get_decoder()`` and ``get_output_embeddings()``).
+        input_ids: ``[B, P + R]`` left-padded prompts followed by right-padded responses.
+        attention_mask: ``[B, P + R]``.
+        response_length: ``R``; the last ``R`` positions are the response.
+
+    Returns:
+        ``(logprob, entropy)``, each ``[B, R]`` float32 (padding positions hold garbage; mask them).
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    # Position t predicts token t + 1: the hidden states at [P - 1, P + R - 1) predict the response.
+    hidden = hidden[:, -response_length - 1 : -1]
+    head = model.get_output_embeddings()
+    return chunked_logprobs_and_entropy(
+        hidden,
+        head.weight,
+        input_ids[:, -response_length:],
+        head_bias=getattr(head, "bias", None),
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+    )

@@ -1,0 +1,139 @@
+"""Composition: a resolved Hydra config in, a trained policy and a summary out.
+
+Order matters for the user: everything that can be wrong in the config is checked (schemas,
+interventions' own argument checks, the reward) before any model is built or warmed up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from steer.callbacks.evaluation import Benchmark, EvaluationCallback
+from steer.callbacks.summary import SummaryCallback
+from steer.config import ConfigError, check_config
+from steer.data.datamodule import PromptDataModule
+from steer.models.loader import load_policy
+from steer.module import RLVRModule
+from steer.rollout.base import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def _store_dir() -> str:
+    """Where the run's MLflow store lives: the run folder, or the sweep folder in a multirun
+    (so that every run of a sweep lands in one store and can be compared)."""
+    try:
+        hydra = HydraConfig.get()
+    except ValueError:  # composed without @hydra.main (tests): use the working directory
+        return str(Path.cwd())
+    if hydra.mode is not None and hydra.mode.name == "MULTIRUN":
+        return str(Path(hydra.sweep.dir).resolve())
+    return str(Path(hydra.runtime.output_dir).resolve())
+
+
+if not OmegaConf.has_resolver("store_dir"):
+    OmegaConf.register_new_resolver("store_dir", _store_dir)
+
+
+def build_interventions(cfg: DictConfig) -> list:
+    components = cfg.intervention.get("components") or {}
+    interventions = []
+    for key, spec in components.items():
+        try:
+            interventions.append(instantiate(spec))
+        except Exception as error:  # surface the intervention's own ValueError, not Hydra's wrapper
+            cause = error.__cause__ or error
+            raise ConfigError(f"intervention.components.{key}: {cause}") from None
+    return interventions
+
+
+def build_benchmarks(cfg: DictConfig, rollout) -> list[Benchmark]:
+    benchmarks = []
+    for name, spec in (cfg.eval.get("benchmarks") or {}).items():
+        spec = OmegaConf.to_container(spec, resolve=True)
+        records = instantiate(spec.pop("records"))
+        reward = instantiate(spec.pop("reward")) if spec.get("reward") else None
+        benchmarks.append(Benchmark(name=name, records=list(records), reward=reward, **spec))
+    return benchmarks
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run the configured RL job; returns the last step's metrics."""
+    algorithm, rollout = check_config(cfg)
+    interventions = build_interventions(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    reward = instantiate(cfg.reward)
+
+    task = instantiate(cfg.data.task) if cfg.data.get("task") else None
+    if not cfg.model.path and cfg.model.get("warmup") and task is None:
+        raise ConfigError("the tiny model's warm-up needs the arithmetic task (data=arithmetic); or set model.path")
+
+    def is_correct(responses, references):
+        return reward(responses, references).correct
+
+    tokenizer, policy, warmup_info = load_policy(
+        cfg.model.path,
+        cfg.model.dtype,
+        cfg.model.get("gguf_file"),
+        OmegaConf.to_container(cfg.model.tiny, resolve=True) if cfg.model.get("tiny") else {},
+        OmegaConf.to_container(cfg.model.warmup, resolve=True) if cfg.model.get("warmup") else None,
+        task,
+        is_correct,
+        cfg.model.cache_dir,
+    )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # warm-up or loading consumed random state
+
+    engine = instantiate(rollout.engine, policy=policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    sampling = SamplingParams(rollout.temperature, rollout.top_p, rollout.max_new_tokens, n=algorithm.n)
+    module = RLVRModule(policy, tokenizer, engine, reward, algorithm, sampling, interventions)
+    datamodule = PromptDataModule(
+        instantiate(cfg.data.train),
+        tokenizer,
+        algorithm.prompts_per_step,
+        rollout.max_prompt_length,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        use_chat_template=cfg.data.use_chat_template,
+    )
+
+    output_dir = Path(cfg.output_dir)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    evaluation = EvaluationCallback(
+        build_benchmarks(cfg, rollout),
+        every_n_steps=cfg.eval.every_n_steps,
+        max_prompt_length=cfg.eval.max_prompt_length,
+        output_file=str(output_dir / "eval_results.jsonl"),
+    )
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    tracking_uri = getattr(logger, "_tracking_uri", None) if logger else None
+    if logger:
+        logger.log_hyperparams(_flat_params(cfg))
+    callbacks += [evaluation, SummaryCallback(tracking_uri, warmup_info)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(module, datamodule=datamodule)
+    return dict(getattr(module, "last_metrics", {}))
+
+
+def _flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as flat ``a.b.c`` MLflow params (values as strings, within MLflow's limits)."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node)[:6000]
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

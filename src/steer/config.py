@@ -1,0 +1,141 @@
+"""Typed schemas of the trainer's own config sections, checked before any model is built.
+
+Hydra already refuses command-line overrides of keys that do not exist. These schemas also catch
+typos inside YAML files, wrong types and inconsistent values, and turn each into one
+:class:`ConfigError` that names the knob and what it accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from steer.algo.advantages import ESTIMATORS
+from steer.algo.aggregation import AGGREGATION_MODES
+from steer.algo.kl import KL_ESTIMATORS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, raised at start-up with the knob's full name."""
+
+
+@dataclass
+class ClipSchema:
+    low: float = 0.2
+    """PPO clip: ratio >= 1 - low (Schulman et al. 2017)."""
+    high: float = 0.2
+    """PPO clip: ratio <= 1 + high; 0.28 is DAPO's clip-higher (set by the clip_higher intervention)."""
+    dual: Optional[float] = 3.0
+    """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); the paper uses 10; null disables."""
+
+
+@dataclass
+class KLSchema:
+    coef: float = 0.0
+    """Weight of the KL penalty to the reference model; 0 disables it and the reference is not loaded."""
+    estimator: str = "k3"
+    """k1, k2 or k3 (Schulman 2020)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    steps: int = 600
+    """RL steps (rollout batches) to train."""
+    estimator: str = "grpo"
+    """Group advantage estimator: grpo, drgrpo, rloo, opo."""
+    n: int = 8
+    """Responses sampled per prompt (the group size)."""
+    prompts_per_step: int = 16
+    """Prompts per rollout batch."""
+    minibatch_prompts: int = 8
+    """Prompts per optimiser step; must divide prompts_per_step (2 optimiser steps per batch here)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward (gradient accumulation); null = a whole mini-batch."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    clip: ClipSchema = field(default_factory=ClipSchema)
+    loss_aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    kl: KLSchema = field(default_factory=KLSchema)
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_steps: int = 0
+    """Optimiser steps of linear learning-rate warm-up, then constant."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    logprob_chunk_tokens: int = 4096
+    """Tokens per output-head chunk when computing log-probs (bounds logits memory)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: Any = None
+    """``_target_`` of the rollout engine (hf; vllm on GPUs)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+    max_prompt_length: int = 64
+    """Longer prompts are dropped and counted (one warning)."""
+
+
+def _check_section(cfg: DictConfig, key: str, schema: type) -> Any:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg[key]))
+    except OmegaConfBaseException as error:
+        allowed = ", ".join(f.name for f in fields(schema))
+        raise ConfigError(f"config section '{key}': {error.msg} (allowed keys: {allowed})") from None
+
+
+def _one_of(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {sorted(allowed)}")
+
+
+def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
+    """Validate the trainer's sections; return them as typed objects."""
+    algorithm: AlgorithmConfig = _check_section(cfg, "algorithm", AlgorithmConfig)
+    rollout: RolloutConfig = _check_section(cfg, "rollout", RolloutConfig)
+    _one_of("algorithm.estimator", algorithm.estimator, ESTIMATORS)
+    _one_of("algorithm.loss_aggregation", algorithm.loss_aggregation, AGGREGATION_MODES)
+    _one_of("algorithm.kl.estimator", algorithm.kl.estimator, KL_ESTIMATORS)
+    positive = {
+        "algorithm.steps": algorithm.steps,
+        "algorithm.prompts_per_step": algorithm.prompts_per_step,
+        "algorithm.minibatch_prompts": algorithm.minibatch_prompts,
+        "algorithm.epochs": algorithm.epochs,
+        "algorithm.logprob_chunk_tokens": algorithm.logprob_chunk_tokens,
+        "rollout.max_new_tokens": rollout.max_new_tokens,
+        "rollout.max_prompt_length": rollout.max_prompt_length,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if algorithm.n < 2:
+        raise ConfigError(f"algorithm.n={algorithm.n}: the group estimator {algorithm.estimator!r} needs n >= 2 samples per prompt")
+    if algorithm.prompts_per_step % algorithm.minibatch_prompts:
+        raise ConfigError(
+            f"algorithm.minibatch_prompts={algorithm.minibatch_prompts} must divide "
+            f"algorithm.prompts_per_step={algorithm.prompts_per_step}"
+        )
+    sequences = algorithm.minibatch_prompts * algorithm.n
+    if algorithm.micro_batch_size is not None and (algorithm.micro_batch_size < 1 or sequences % algorithm.micro_batch_size):
+        raise ConfigError(
+            f"algorithm.micro_batch_size={algorithm.micro_batch_size} must be >= 1 and divide the "
+            f"mini-batch of minibatch_prompts * n = {sequences} sequences"
+        )
+    if algorithm.clip.low < 0 or algorithm.clip.high < 0:
+        raise ConfigError(f"algorithm.clip.low/high must be >= 0, got {algorithm.clip.low}/{algorithm.clip.high}")
+    if algorithm.clip.dual is not None and algorithm.clip.dual <= 1:
+        raise ConfigError(f"algorithm.clip.dual must be > 1 or null, got {algorithm.clip.dual}")
+    if algorithm.kl.coef < 0:
+        raise ConfigError(f"algorithm.kl.coef must be >= 0, got {algorithm.kl.coef}")
+    if algorithm.lr <= 0:
+        raise ConfigError(f"algorithm.lr must be > 0, got {algorithm.lr}")
+    if rollout.temperature <= 0 or not 0 < rollout.top_p <= 1:
+        raise ConfigError(f"rollout.temperature must be > 0 and rollout.top_p in (0, 1]; got {rollout.temperature}, {rollout.top_p}")
+    return algorithm, rollout

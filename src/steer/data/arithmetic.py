@@ -1,0 +1,102 @@
+"""The embedded task: multi-term addition, answered with a worked line and a ``\\boxed{}`` result.
+
+Prompt ``Compute 12+45+30.``; one valid answer ``45+30=75, 75+12=87. \\boxed{87}``. The terms may be
+combined in any order, and the warm-up data uses every order at random, so a warmed-up policy is
+genuinely uncertain at many positions of its answer (which pair to add first, which next), not only
+at the result's digits. RL rewards every order equally, so whether a method keeps that
+order-diversity (entropy) or collapses onto one order is visible without any loss of accuracy —
+the question this framework studies.
+
+Problems are a pure function of ``(seed, index)``, so the data order is reproducible and a resumed
+run sees the same stream. The held-out split is a fixed set of problems that training never draws.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+
+from steer.data.records import PromptRecord
+
+DATA_SOURCE = "arithmetic"
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    num_terms: int = 3
+    """Numbers to add (>= 2)."""
+    digits: int = 2
+    """Digits per number; numbers are drawn uniformly from [10^(d-1), 10^d - 1]."""
+    num_heldout: int = 200
+    """Size of the fixed held-out split."""
+    heldout_seed: int = 12345
+    """Seed of the held-out split (independent of the run's seed, so every run evaluates the same problems)."""
+    _heldout: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _heldout_keys: frozenset = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_terms < 2 or self.digits < 1:
+            raise ValueError(f"arithmetic task needs num_terms >= 2 and digits >= 1, got {self.num_terms}, {self.digits}")
+        rng = random.Random(self.heldout_seed)
+        keys: dict[tuple[int, ...], None] = {}
+        while len(keys) < self.num_heldout:
+            keys[tuple(sorted(self.draw_terms(rng)))] = None
+        object.__setattr__(self, "_heldout", tuple(keys))
+        object.__setattr__(self, "_heldout_keys", frozenset(keys))
+
+    def draw_terms(self, rng: random.Random) -> list[int]:
+        low, high = 10 ** (self.digits - 1), 10**self.digits - 1
+        return [rng.randint(low, high) for _ in range(self.num_terms)]
+
+    @staticmethod
+    def prompt(terms: list[int]) -> str:
+        return "Compute " + "+".join(map(str, terms)) + "."
+
+    @staticmethod
+    def solution(terms: list[int], rng: random.Random) -> str:
+        """A worked answer that adds the terms in a random order: ``a+b=s, s+c=t. \\boxed{t}``."""
+        order = list(terms)
+        rng.shuffle(order)
+        steps, total = [], order[0]
+        for term in order[1:]:
+            steps.append(f"{total}+{term}={total + term}")
+            total += term
+        return ", ".join(steps) + ". \\boxed{" + str(total) + "}"
+
+    def record(self, terms: list[int]) -> PromptRecord:
+        return PromptRecord(
+            prompt=[{"role": "user", "content": self.prompt(terms)}],
+            reference=str(sum(terms)),
+            data_source=DATA_SOURCE,
+        )
+
+    def train_terms(self, seed: int, index: int) -> list[int]:
+        """The ``index``-th training problem of stream ``seed``; never a held-out problem."""
+        rng = random.Random(seed * 1_000_003 + index)
+        while True:
+            terms = self.draw_terms(rng)
+            if tuple(sorted(terms)) not in self._heldout_keys:
+                return terms
+
+    def heldout(self) -> list[PromptRecord]:
+        return [self.record(list(terms)) for terms in self._heldout]
+
+
+class ArithmeticPrompts(Dataset):
+    """Map-style view of the training stream: item ``i`` is problem ``i`` of stream ``seed``."""
+
+    def __init__(self, task: ArithmeticTask, seed: int, size: int = 10_000_000) -> None:
+        self.task, self.seed, self.size = task, seed, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> PromptRecord:
+        return self.task.record(self.task.train_terms(self.seed, index))
+
+
+def heldout_records(task: ArithmeticTask) -> list[PromptRecord]:
+    """The fixed held-out split (a config-friendly function for ``eval.benchmarks``)."""
+    return task.heldout()

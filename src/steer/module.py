@@ -1,0 +1,316 @@
+"""The LightningModule: policy, optional reference model, optimiser, and one RL step.
+
+:meth:`RLVRModule.training_step` is the whole algorithm, top to bottom:
+
+    prompts -> rollout (n samples each) -> reward -> group advantages
+            -> old log-probs / entropy (no grad) -> for each mini-batch: forward -> policy loss
+               with interventions -> backward -> clip -> optimiser step -> metrics
+
+Optimisation is manual because one rollout batch feeds several optimiser steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import lightning as L
+import torch
+
+from steer.algo.advantages import group_advantages
+from steer.algo.aggregation import masked_mean
+from steer.algo.interventions.base import Intervention, PolicyTokens
+from steer.algo.kl import ReferenceKLPenalty
+from steer.algo.logprobs import response_logprobs_and_entropy
+from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
+from steer.config import AlgorithmConfig
+from steer.data.records import PromptRecord
+from steer.rewards.base import Reward
+from steer.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptBatch:
+    """What the DataModule yields: records and their prompt token ids."""
+
+    records: list[PromptRecord]
+    prompt_ids: list[list[int]]
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase of a step (``time/<phase>_s``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[f"time/{phase}_s"] = self.seconds.get(f"time/{phase}_s", 0.0) + time.perf_counter() - start
+
+
+class MetricMean:
+    """Token-weighted mean of per-micro-batch metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor | float], weight: float) -> None:
+        for key, value in metrics.items():
+            if key.endswith("_count"):  # counts add up over the micro-batches of a step
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+                self.weights[key] = 1.0
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def result(self) -> dict[str, float]:
+        return {key: total / max(self.weights[key], 1e-12) for key, total in self.sums.items()}
+
+
+class RLVRModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer,
+        rollout_engine: RolloutEngine,
+        reward: Reward,
+        algorithm: AlgorithmConfig,
+        sampling: SamplingParams,
+        interventions: Sequence[Intervention] = (),
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.rollout_engine = rollout_engine
+        self.reward = reward
+        self.algorithm = algorithm
+        self.sampling = sampling
+        self.clip = ClipConfig(algorithm.clip.low, algorithm.clip.high, algorithm.clip.dual)
+        self.interventions = list(interventions)
+        # The reference model exists only when the KL penalty is on: it costs a model's memory.
+        self.reference: torch.nn.Module | None = None
+        if algorithm.kl.coef > 0:
+            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.interventions.append(ReferenceKLPenalty(algorithm.kl.coef, algorithm.kl.estimator))
+        self.rl_step = 0
+        self.reward_errors_total = 0
+        self._warned_on_policy = False
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.policy.parameters(),
+            lr=self.algorithm.lr,
+            weight_decay=self.algorithm.weight_decay,
+            betas=tuple(self.algorithm.betas),
+        )
+        warmup = max(self.algorithm.lr_warmup_steps, 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.algorithm.epochs * (self.algorithm.prompts_per_step // self.algorithm.minibatch_prompts)
+
+    # ------------------------------------------------------------------ the RL step
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        algo, timer, n = self.algorithm, PhaseTimer(), self.sampling.n
+        if not batch.prompt_ids:
+            log.warning("step %d: every prompt of the batch was dropped (too long); skipping", self.rl_step)
+            return
+
+        # 1. Rollout: n responses per prompt, adjacent rows per group.
+        with timer("rollout"):
+            self.rollout_engine.sync_weights(self.policy)
+            rollout = self.rollout_engine.generate(batch.prompt_ids, self.sampling)
+
+        # 2. Reward: one scalar per response.
+        with timer("reward"):
+            responses = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+            references = [record.reference for record in batch.records for _ in range(n)]
+            scored = self.reward(responses, references)
+            rewards = torch.tensor(scored.scores, dtype=torch.float32, device=self.device).view(-1, n)
+
+        # 3. Group-normalised advantages, broadcast over each response's tokens.
+        lengths = rollout.response_lengths.view(-1, n).float()
+        advantages = group_advantages(rewards, algo.estimator, lengths).view(-1, 1)
+
+        # 4. Log-probs and entropy of pi_old (and pi_ref) at every sampled token, no gradient.
+        with timer("old_logprobs"):
+            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout)
+
+        # 5. Policy update: mini-batches of whole groups, micro-batches for memory.
+        update_metrics = MetricMean()
+        with timer("update"):
+            for _ in range(algo.epochs):
+                for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
+                    step_metrics = self._optimizer_step(
+                        rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs
+                    )
+                    update_metrics.add(step_metrics, weight=1.0)
+
+        # 6. Metrics of this RL step.
+        mask = rollout.response_mask
+        metrics = {
+            **update_metrics.result(),
+            **timer.seconds,
+            "reward/mean": rewards.mean().item(),
+            "reward/accuracy": sum(scored.correct) / len(scored.correct),
+            "reward/error_count": float(scored.num_errors),
+            "reward/timeout_count": float(scored.num_timeouts),
+            **{f"reward/{key}": value for key, value in scored.extra.items()},
+            "actor/entropy": masked_mean(old_entropy, mask).item(),
+            "actor/advantage_abs_mean": masked_mean(advantages.abs().expand_as(mask), mask).item(),
+            "response/length_mean": rollout.response_lengths.float().mean().item(),
+            "response/length_max": rollout.response_lengths.max().item(),
+            "response/truncated_rate": rollout.truncated.float().mean().item(),
+            "batch/zero_variance_group_rate": (rewards.std(-1) == 0).float().mean().item(),
+            "batch/prompts": float(len(batch.prompt_ids)),
+            "batch/optimizer_steps": float(self.optimizer_steps_per_batch),
+            "rollout/sampler_logprob_gap": masked_mean((rollout.sampling_logprobs - old_logprobs).abs(), mask).item(),
+        }
+        self.reward_errors_total += scored.num_errors
+        self._warn_if_on_policy_interventions_are_inert(metrics)
+        for intervention in self.interventions:
+            intervention.after_optimizer_step(metrics)
+        self._publish(metrics)
+        self.rl_step += 1
+        if self.rl_step >= algo.steps:
+            self.trainer.should_stop = True
+
+    def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs) -> dict[str, float]:
+        """One optimiser step on the sequences ``rows`` of the rollout batch."""
+        algo = self.algorithm
+        optimizer = self.optimizers()
+        mask = rollout.response_mask[rows]
+        totals = LossTotals(
+            tokens=float(mask.sum().item()), sequences=float(len(rows)), max_response_length=self.sampling.max_new_tokens
+        )
+        # Every micro-batch of a mini-batch is cut to the same width, so that statistics of the whole
+        # mini-batch (scope: global) line up with each micro-batch's tokens.
+        width = int(rollout.response_lengths[rows].max().clamp(min=1))
+        if any(intervention.needs_minibatch_pass for intervention in self.interventions):
+            with torch.no_grad():
+                logprobs, entropy = self._forward(rollout, rows, width)
+                whole = self._tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask)
+            begin_minibatch(whole, self.clip, self.interventions)
+
+        optimizer.zero_grad(set_to_none=True)
+        micro_size = algo.micro_batch_size or len(rows)
+        metrics = MetricMean()
+        for start in range(0, len(rows), micro_size):
+            micro = rows[start : start + micro_size]
+            logprobs, entropy = self._forward(rollout, micro, width)
+            tokens = self._tokens(micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size])
+            loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
+            self.manual_backward(loss)
+            micro_metrics["actor/policy_loss"] = loss.detach() * totals.tokens / max(float(tokens.mask.sum()), 1.0)
+            metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
+        max_norm = algo.grad_clip if algo.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        optimizer.step()
+        self.lr_schedulers().step()
+        result = metrics.result()
+        result["actor/grad_norm"] = float(grad_norm)
+        result["actor/lr"] = optimizer.param_groups[0]["lr"]
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    def _minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
+        """Row indices of each mini-batch; whole groups stay together."""
+        size = self.algorithm.minibatch_prompts * self.sampling.n
+        return [torch.arange(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+    def _forward(self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None):
+        """Log-probs and entropies ``[len(rows), width]`` of the first ``width`` response positions."""
+        input_ids = rollout.input_ids[rows]
+        attention = rollout.attention_mask[rows]
+        cut = input_ids.shape[1] - rollout.response_ids.shape[1] + width
+        return response_logprobs_and_entropy(
+            model or self.policy,
+            input_ids[:, :cut],
+            attention[:, :cut],
+            width,
+            temperature=self.sampling.temperature,
+            chunk_tokens=self.algorithm.logprob_chunk_tokens,
+        )
+
+    @staticmethod
+    def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(values, (0, width - values.shape[1]))
+
+    def _score_without_grad(self, rollout: RolloutBatch):
+        width = rollout.response_ids.shape[1]
+        size = self.algorithm.micro_batch_size or self.algorithm.minibatch_prompts * self.sampling.n
+        old_lp, old_ent, ref_lp = [], [], []
+        with torch.no_grad():
+            for start in range(0, rollout.response_ids.shape[0], size):
+                rows = torch.arange(start, min(start + size, rollout.response_ids.shape[0]))
+                row_width = int(rollout.response_lengths[rows].max().clamp(min=1))
+                logprobs, entropy = self._forward(rollout, rows, row_width)
+                old_lp.append(self._pad_to(logprobs, width))
+                old_ent.append(self._pad_to(entropy, width))
+                if self.reference is not None:
+                    ref_lp.append(self._pad_to(self._forward(rollout, rows, row_width, self.reference)[0], width))
+        mask = rollout.response_mask
+        old_logprobs = torch.cat(old_lp) * mask
+        old_entropy = torch.cat(old_ent) * mask
+        ref_logprobs = torch.cat(ref_lp) * mask if ref_lp else None
+        return old_logprobs, old_entropy, ref_logprobs
+
+    @staticmethod
+    def _tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask) -> PolicyTokens:
+        width = logprobs.shape[1]
+        return PolicyTokens(
+            logprobs=logprobs,
+            entropy=entropy,
+            old_logprobs=old_logprobs[rows, :width],
+            old_entropy=old_entropy[rows, :width],
+            advantages=advantages[rows].expand(-1, width),
+            mask=mask[:, :width],
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
+        )
+
+    def _warn_if_on_policy_interventions_are_inert(self, metrics: dict[str, float]) -> None:
+        ratio_based = [i.name for i in self.interventions if i.uses_ratio]
+        inert = bool(ratio_based) and self.optimizer_steps_per_batch == 1
+        metrics["intervention/ratio_inert"] = float(inert)
+        if inert and not self._warned_on_policy:
+            self._warned_on_policy = True
+            log.warning(
+                "interventions %s act through the importance ratio, but each rollout batch gets one "
+                "optimiser step (one mini-batch, one epoch): the ratio is identically 1 and they do nothing. "
+                "Use algorithm.minibatch_prompts < algorithm.prompts_per_step or algorithm.epochs > 1.",
+                ratio_based,
+            )
+
+    def _publish(self, metrics: dict[str, float]) -> None:
+        """Every metric to the loggers at the RL step; reward and entropy to the progress bar."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.rl_step)
+        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=1)
+        self.log("entropy", metrics["actor/entropy"], prog_bar=True, logger=False, batch_size=1)
+        self.last_metrics = metrics
+
+    def on_fit_start(self) -> None:
+        self.policy.train()  # from_pretrained returns modules in eval mode
+
+    # ------------------------------------------------------------------ checkpointing
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rl_step"] = self.rl_step
+        checkpoint["interventions"] = [i.state_dict() for i in self.interventions]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.rl_step = checkpoint.get("rl_step", 0)
+        for intervention, state in zip(self.interventions, checkpoint.get("interventions", [])):
+            intervention.load_state_dict(state)

@@ -1,0 +1,85 @@
+"""The rollout interface: prompts in, sampled token ids and the sampler's log-probs out.
+
+Every engine (Hugging Face ``generate`` here; vLLM on GPUs) returns a :class:`RolloutBatch` with
+left-padded prompts and right-padded responses, and accepts the policy's new weights through
+:meth:`RolloutEngine.sync_weights` after each optimiser phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    n: int = 1
+    """Samples per prompt (they are adjacent in the output: prompt i owns rows [i*n, (i+1)*n))."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError(f"max_new_tokens and n must be >= 1, got {self.max_new_tokens}, {self.n}")
+
+
+@dataclass
+class RolloutBatch:
+    """``B = num_prompts * n`` sequences; ``P`` prompt and ``R`` response positions."""
+
+    prompt_ids: torch.Tensor
+    """``[B, P]`` left-padded."""
+    prompt_mask: torch.Tensor
+    """``[B, P]`` bool."""
+    response_ids: torch.Tensor
+    """``[B, R]`` right-padded with the pad id; includes the EOS token when one was sampled."""
+    response_mask: torch.Tensor
+    """``[B, R]`` bool, True up to and including EOS."""
+    sampling_logprobs: torch.Tensor
+    """``[B, R]`` log-prob of each sampled token under the sampler's distribution (after temperature and top-p)."""
+    truncated: torch.Tensor
+    """``[B]`` bool: the response hit ``max_new_tokens`` without EOS."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch: ...
+
+    def sync_weights(self, policy: torch.nn.Module) -> None: ...
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask that is True up to and including the first EOS; and whether each row lacks an EOS."""
+    is_eos = response_ids == eos_token_id
+    eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return ~eos_seen_before, ~is_eos.any(-1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, max_len]`` ids and bool mask with the padding on the left."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = True
+    return ids, mask

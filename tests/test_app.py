@@ -1,0 +1,134 @@
+"""The composed config and the whole trainer, end to end, through the Hydra compose API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from steer.app import train
+from steer.config import ConfigError, check_config
+from tests.conftest import CONF, TINY_RUN, compose
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+
+
+@pytest.mark.parametrize(
+    "group_option",
+    [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))],
+)
+def test_every_config_file_composes(group_option, tmp_path):
+    if group_option == "model=hf":
+        group_option = [group_option, "model.path=some/model"]
+    cfg = compose([group_option] if isinstance(group_option, str) else group_option, tmp_path)
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+
+
+def test_default_run_end_to_end(tmp_path):
+    cfg = compose([*TINY_RUN, "logger=mlflow"], tmp_path)
+    metrics = train(cfg)
+    for key in (
+        "reward/mean", "reward/accuracy", "actor/entropy", "actor/grad_norm", "actor/clipfrac_low",
+        "actor/clipfrac_high", "actor/clipfrac_dual", "actor/approx_kl_old", "response/length_mean",
+        "response/truncated_rate", "batch/zero_variance_group_rate", "batch/optimizer_steps",
+        "time/rollout_s", "time/reward_s", "time/old_logprobs_s", "time/update_s",
+    ):
+        assert key in metrics, key
+    assert metrics["batch/optimizer_steps"] == 2
+    assert metrics["actor/entropy"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert "mean_at_1" in lines[0]["metrics"]
+    assert (tmp_path / "mlflow.db").exists()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id])
+    assert run.data.params["algorithm.n"] == "4"
+    history = client.get_metric_history(run.info.run_id, "actor/entropy")
+    assert [m.step for m in history] == [0, 1]
+
+
+def test_one_rl_step_changes_the_policy(tmp_path):
+    """With a warmed-up policy some groups have reward variance, so the update must move weights."""
+    from steer.data.arithmetic import ArithmeticTask
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+    from steer.module import PromptBatch, RLVRModule
+    from steer.rewards.base import RewardOutput
+    from steer.rollout.hf import HFRolloutEngine
+    from steer.rollout.base import SamplingParams
+    from steer.config import AlgorithmConfig
+    from steer.data.prompts import encode_prompts
+    import lightning as L
+
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1)
+
+    def alternating_reward(responses, references):  # any non-constant reward gives non-zero advantages
+        scores = [float(i % 3 == 0) for i in range(len(responses))]
+        return RewardOutput(scores=scores, correct=[s > 0 for s in scores])
+
+    algorithm = AlgorithmConfig(steps=1, n=4, prompts_per_step=2, minibatch_prompts=1, lr=1e-2)
+    module = RLVRModule(
+        policy, tokenizer, HFRolloutEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id),
+        alternating_reward, algorithm, SamplingParams(max_new_tokens=8, n=4),
+    )
+    records = [ArithmeticTask().record([11, 22, 33]), ArithmeticTask().record([40, 50, 60])]
+    _, ids, _ = encode_prompts(records, tokenizer, 64)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    loader = torch.utils.data.DataLoader([PromptBatch(records, ids)], batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(module, train_dataloaders=loader)
+    changed = [k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(before)
+    assert module.last_metrics["batch/optimizer_steps"] == 2
+    assert module.last_metrics["actor/grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["algorithm.n=1"], "algorithm.n=1"),
+        (["algorithm.minibatch_prompts=5"], "must divide"),
+        (["algorithm.estimator=ppo"], "algorithm.estimator='ppo' is not valid"),
+        (["algorithm.loss_aggregation=mean"], "token-mean"),
+        (["algorithm.n=eight"], "algorithm"),
+        (["algorithm.micro_batch_size=3"], "micro_batch_size"),
+        (["algorithm.clip.dual=0.5"], "algorithm.clip.dual"),
+        (["rollout.top_p=1.5"], "rollout.top_p"),
+    ],
+)
+def test_bad_config_fails_with_the_knob_name_before_any_model(override, message, tmp_path, monkeypatch):
+    import steer.app
+
+    monkeypatch.setattr(steer.app, "load_policy", lambda *a, **k: pytest.fail("model built before validation"))
+    cfg = compose(override, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_unknown_key_in_a_yaml_section_is_named(tmp_path):
+    cfg = compose([], tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    cfg.algorithm.learning_rate = 0.1
+    with pytest.raises(ConfigError, match="learning_rate"):
+        check_config(cfg)
+
+
+def test_bad_intervention_argument_is_a_config_error(tmp_path):
+    cfg = compose(["intervention=steer", "intervention.components.steer.lambda_min=1.5"], tmp_path)
+    with pytest.raises(ConfigError, match="lambda_min"):
+        train(cfg)
+
+
+def test_unknown_override_is_refused_by_hydra(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="algorithm.learning_rate"):
+        compose(["algorithm.learning_rate=0.1"], tmp_path)
