@@ -9,12 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from steer.app import train  # noqa: E402  (also registers the config resolvers)
+from steer.app import run  # noqa: E402  (also registers the config resolvers)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def build_interventions(cfg: DictConfig) -> list:
     return interventions
 
 
-def build_benchmarks(cfg: DictConfig, rollout) -> list[Benchmark]:
+def build_benchmarks(cfg: DictConfig) -> list[Benchmark]:
     benchmarks = []
     for name, spec in (cfg.eval.get("benchmarks") or {}).items():
         spec = OmegaConf.to_container(spec, resolve=True)
@@ -65,8 +65,19 @@ def build_benchmarks(cfg: DictConfig, rollout) -> list[Benchmark]:
     return benchmarks
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run the configured RL job; returns the last step's metrics."""
+def run(cfg: DictConfig) -> dict[str, float]:
+    """What ``src/run.py`` calls: ``mode=train`` (default) or ``mode=eval`` (benchmarks only)."""
+    if cfg.get("mode", "train") == "eval":
+        from steer.evaluate import evaluate
+
+        return evaluate(cfg)
+    if cfg.get("mode", "train") != "train":
+        raise ConfigError(f"mode={cfg.mode!r} is not valid; choose one of ['eval', 'train']")
+    return train(cfg)
+
+
+def build_module(cfg: DictConfig) -> tuple[RLVRModule, dict | None]:
+    """Validate the config, then build reward, policy (loading or warming it up) and the module."""
     algorithm, rollout = check_config(cfg)
     interventions = build_interventions(cfg)
     if cfg.get("threads"):
@@ -95,30 +106,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     engine = instantiate(rollout.engine, policy=policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     sampling = SamplingParams(rollout.temperature, rollout.top_p, rollout.max_new_tokens, n=algorithm.n)
-    module = RLVRModule(policy, tokenizer, engine, reward, algorithm, sampling, interventions)
+    return RLVRModule(policy, tokenizer, engine, reward, algorithm, sampling, interventions), warmup_info
+
+
+def build_evaluation(cfg: DictConfig) -> EvaluationCallback:
+    return EvaluationCallback(
+        build_benchmarks(cfg),
+        every_n_steps=cfg.eval.every_n_steps,
+        max_prompt_length=cfg.eval.max_prompt_length,
+        output_file=str(Path(cfg.output_dir) / "eval_results.jsonl"),
+    )
+
+
+def build_logger(cfg: DictConfig):
+    """The configured logger with the resolved config as params, or False."""
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(_flat_params(cfg))
+    return logger
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run the configured RL job; returns the last step's metrics."""
+    module, warmup_info = build_module(cfg)
     datamodule = PromptDataModule(
         instantiate(cfg.data.train),
-        tokenizer,
-        algorithm.prompts_per_step,
-        rollout.max_prompt_length,
+        module.tokenizer,
+        module.algorithm.prompts_per_step,
+        cfg.rollout.max_prompt_length,
         seed=cfg.seed,
         shuffle=cfg.data.shuffle,
         use_chat_template=cfg.data.use_chat_template,
     )
-
-    output_dir = Path(cfg.output_dir)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    evaluation = EvaluationCallback(
-        build_benchmarks(cfg, rollout),
-        every_n_steps=cfg.eval.every_n_steps,
-        max_prompt_length=cfg.eval.max_prompt_length,
-        output_file=str(output_dir / "eval_results.jsonl"),
-    )
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = build_logger(cfg)
     tracking_uri = getattr(logger, "_tracking_uri", None) if logger else None
-    if logger:
-        logger.log_hyperparams(_flat_params(cfg))
-    callbacks += [evaluation, SummaryCallback(tracking_uri, warmup_info)]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     trainer.fit(module, datamodule=datamodule)
     return dict(getattr(module, "last_metrics", {}))

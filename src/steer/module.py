@@ -76,6 +76,34 @@ class MetricMean:
         return {key: total / max(self.weights[key], 1e-12) for key, total in self.sums.items()}
 
 
+@dataclass
+class StepContext:
+    """What observers (e.g. the entropy-dynamics probe) see of one RL step, all on the module's device."""
+
+    step: int
+    batch: PromptBatch
+    rollout: RolloutBatch
+    rewards: torch.Tensor
+    """``[num_prompts, n]``."""
+    advantages: torch.Tensor
+    """``[B, 1]``, one per response."""
+    old_logprobs: torch.Tensor
+    """``[B, R]`` log pi_old of the sampled tokens (0 on padding)."""
+    old_entropy: torch.Tensor
+    """``[B, R]`` entropy of pi_old (0 on padding)."""
+    metrics: dict[str, float]
+    """Observers add their metrics here; they are published with the step's metrics."""
+
+
+class StepObserver:
+    """Hooks into the RL step for instruments that must see the update itself (register with
+    ``module.observers.append``). Both hooks run without gradient."""
+
+    def before_update(self, module: "RLVRModule", context: StepContext) -> None: ...
+
+    def after_optimizer_step(self, module: "RLVRModule", context: StepContext, rows: torch.Tensor, index: int) -> None: ...
+
+
 class RLVRModule(L.LightningModule):
     def __init__(
         self,
@@ -102,6 +130,7 @@ class RLVRModule(L.LightningModule):
         if algorithm.kl.coef > 0:
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
             self.interventions.append(ReferenceKLPenalty(algorithm.kl.coef, algorithm.kl.estimator))
+        self.observers: list[StepObserver] = []
         self.rl_step = 0
         self.reward_errors_total = 0
         self._warned_on_policy = False
@@ -149,8 +178,13 @@ class RLVRModule(L.LightningModule):
         with timer("old_logprobs"):
             old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout)
 
+        context = StepContext(self.rl_step, batch, rollout, rewards, advantages, old_logprobs, old_entropy, {})
+        with timer("observers"), torch.no_grad():
+            for observer in self.observers:
+                observer.before_update(self, context)
+
         # 5. Policy update: mini-batches of whole groups, micro-batches for memory.
-        update_metrics = MetricMean()
+        update_metrics, index = MetricMean(), 0
         with timer("update"):
             for _ in range(algo.epochs):
                 for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
@@ -158,11 +192,17 @@ class RLVRModule(L.LightningModule):
                         rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs
                     )
                     update_metrics.add(step_metrics, weight=1.0)
+                    if self.observers:
+                        with timer("observers"), torch.no_grad():
+                            for observer in self.observers:
+                                observer.after_optimizer_step(self, context, rows, index)
+                    index += 1
 
         # 6. Metrics of this RL step.
         mask = rollout.response_mask
         metrics = {
             **update_metrics.result(),
+            **context.metrics,
             **timer.seconds,
             "reward/mean": rewards.mean().item(),
             "reward/accuracy": sum(scored.correct) / len(scored.correct),

@@ -100,7 +100,9 @@ class EvaluationCallback(L.Callback):
         self.history: list[EvalResult] = []
         self._last_evaluated_step = -1
 
-    def run(self, module) -> list[EvalResult]:
+    def run(self, module, loggers=None) -> list[EvalResult]:
+        """Evaluate every benchmark now; log to ``loggers`` (default: the module's)."""
+        loggers = module.loggers if loggers is None else loggers
         was_training = module.policy.training
         module.policy.eval()
         results = []
@@ -109,7 +111,7 @@ class EvaluationCallback(L.Callback):
             metrics = evaluate_benchmark(module, benchmark, self.max_prompt_length)
             result = EvalResult(module.rl_step, benchmark.name, metrics, time.perf_counter() - start, int(metrics["prompts"]))
             results.append(result)
-            for logger in module.loggers:
+            for logger in loggers:
                 logger.log_metrics({f"eval/{benchmark.name}/{k}": v for k, v in metrics.items()}, step=module.rl_step)
             log.info("eval step %d %s: %s", module.rl_step, benchmark.name,
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -1,0 +1,269 @@
+"""Tests of the math reward: extraction, normalisation, math-verify equivalence, DAPO scoring,
+error / timeout / crash handling, and agreement with every benchmark's own ground truths."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("math_verify")
+
+import steer.rewards.math as math_reward  # noqa: E402
+from steer.rewards.math import (  # noqa: E402
+    MathReward,
+    extract_answer,
+    math_verify_equal,
+    normalize_answer,
+    strict_match,
+)
+
+DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math"
+BENCHMARK_FILES = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "DAPO-Math-17k")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so the result is \\boxed{5}.", "5"),
+        ("first \\boxed{1}, then \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}"),
+        ("\\boxed{{3}}", "{3}"),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces are content...
+        ("\\boxed{\\left\\{x\\right.} end", "\\left\\{x\\right."),  # ...even when unbalanced
+        ("the answer is $\\boxed 7$", "7"),
+        ("\\fbox{3}", "3"),
+        ("\\boxed{4} but wait \\boxed{5", "4"),  # truncated last box: fall back to the earlier one
+        ("\\boxed{} and nothing else", None),
+        ("\\boxedfoo{3}", None),
+        ("work...\nAnswer: 42", "42"),
+        ("Answer: $\\frac{1}{2}$.", "\\frac{1}{2}"),
+        ("final answer: \\(x+1\\)", "x+1"),
+        ("Answer:\n\n  17\n", "17"),
+        ("Answer: 1\nmore work\nAnswer: 2", "2"),
+        ("Answer: 3\n\\boxed{4}", "4"),  # a box wins over an Answer line
+        ("I don't know", None),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("\\text{Evelyn}", "Evelyn"),
+        ("\\$18.90", "18.9"),
+        ("11,111,111,100", "11111111100"),
+        ("45^{\\circ}", "45"),
+        ("62.5\\%", "62.5"),
+        ("5 \\text{ cm}", "5"),
+        ("10 dollars", "10"),
+        ("x = 5", "5"),
+        ("\\dfrac12", "\\frac{1}{2}"),
+        ("\\sqrt2", "\\sqrt{2}"),
+        ("{{3}}", "3"),
+        (".35625", "0.35625"),
+        ("5.0", "5"),
+        ("+2", "2"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("6m", "6m"),  # a single letter after a number may be a variable: kept
+        ("f(x)=2x", "f(x)=2x"),  # only a bare variable on the left is dropped
+        ("3.", "3"),
+    ],
+)
+def test_normalize_answer(answer: str, expected: str) -> None:
+    assert normalize_answer(answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "reference", "expected"),
+    [
+        ("\\boxed{0.5}", "\\frac{1}{2}", True),
+        ("\\boxed{\\dfrac{1}{2}}", "0.5", True),
+        ("\\boxed{{3}}", "3", True),
+        ("Answer: 1/2", "0.5", True),
+        ("\\boxed{4.5\\times 10^{33}}", "4.5e33", True),
+        ("\\boxed{(-\\infty, 2) \\cup (3, \\infty)}", "(-\\infty,2)\\cup(3,\\infty)", True),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+        ("\\boxed{69, 84}", "69$,$84", True),
+        ("\\boxed{0.49}", "\\frac{1}{2}", False),
+        ("\\boxed{4}", "5", False),
+        ("\\boxed{x+1}", "x-1", False),
+        ("\\boxed{1.325e-27}", "2.88e-19", False),  # math-verify alone rounds both to 0
+        ("no answer at all", "5", False),
+    ],
+)
+def test_math_verify_mode_in_process(response: str, reference: str, expected: bool) -> None:
+    output = MathReward(num_workers=0)([response], [reference])
+    assert output.correct == [expected]
+    assert output.scores == [1.0 if expected else 0.0]
+    assert output.num_errors == 0 and output.num_timeouts == 0
+
+
+def test_equivalence_needs_math_verify_not_the_fast_path() -> None:
+    assert normalize_answer("0.5") != normalize_answer("\\frac{1}{2}")
+    assert math_verify_equal("0.5", "\\frac{1}{2}")
+    assert not math_verify_equal("0.5", "\\frac{1}{3}")
+
+
+def test_plain_numbers_are_compared_relatively_without_sympy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(math_reward, "_math_verify", None)  # any call to math-verify would raise
+    output = MathReward(num_workers=0)(
+        ["\\boxed{3.89e-10}", "\\boxed{3.9e-10}", "\\boxed{1,200}", "\\boxed{0.3333333}"],
+        ["3.890e-10", "3.89e-10", "1200.0", "0.33333333"],
+    )
+    assert output.correct == [True, False, True, True]
+    assert output.num_errors == 0
+
+
+def test_no_answer_rate() -> None:
+    output = MathReward(num_workers=0)(["\\boxed{1}", "blah", "Answer: 2", "nothing"], ["1", "1", "2", "3"])
+    assert output.correct == [True, False, True, False]
+    assert output.extra["no_answer_rate"] == pytest.approx(0.5)
+
+
+def test_dapo_strict_scores_plus_minus_one_on_the_tail_only() -> None:
+    reward = MathReward(mode="dapo_strict")
+    filler = " and so on" * 40  # > 300 characters after the answer
+    responses = [
+        "\\boxed{34}", "Answer: 34", "\\boxed{0.5}", "\\boxed{34}" + filler, "\\boxed{\\text{34 dollars}}", "none"
+    ]
+    references = ["34", "34", "\\frac{1}{2}", "34", "34", "34"]
+    output = reward(responses, references)
+    assert output.scores == [1.0, 1.0, -1.0, -1.0, 1.0, -1.0]
+    assert output.correct == [True, True, False, False, True, False]
+    # the answer beyond the tail is found by math_verify mode, which reads the whole response
+    assert MathReward(num_workers=0)([responses[3]], ["34"]).correct == [True]
+
+
+def test_either_mode_accepts_what_either_check_accepts() -> None:
+    responses = ["\\boxed{0.5}", "\\boxed{\\text{Evelyn}}", "\\boxed{7}"]
+    references = ["\\frac{1}{2}", "Evelyn", "8"]
+    assert [strict_match(r, g) for r, g in zip(responses, references)] == [False, True, False]
+    output = MathReward(mode="either", num_workers=0)(responses, references)
+    assert output.correct == [True, True, False]
+    assert output.scores == [1.0, 1.0, 0.0]
+
+
+def test_custom_scores_and_bad_arguments() -> None:
+    output = MathReward(num_workers=0, correct_score=2.0, wrong_score=-0.5)(["\\boxed{1}", "\\boxed{2}"], ["1", "3"])
+    assert output.scores == [2.0, -0.5]
+    with pytest.raises(ValueError, match="valid modes"):
+        MathReward(mode="exact")
+    with pytest.raises(ValueError, match="references"):
+        MathReward(num_workers=0)(["a"], ["1", "2"])
+
+
+def test_a_raising_check_scores_wrong_and_counts_as_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode_on_boom(answer: str, reference: str) -> bool:
+        if answer == "boom":
+            raise RuntimeError("sympy blew up")
+        return answer == "y"
+
+    monkeypatch.setattr(math_reward, "math_verify_equal", explode_on_boom)
+    output = MathReward(num_workers=0, wrong_score=-1.0)(["\\boxed{boom}", "\\boxed{y}"], ["x", "z"])
+    assert output.scores == [-1.0, 1.0]
+    assert output.correct == [False, True]
+    assert output.num_errors == 1 and output.num_timeouts == 0
+
+
+def test_a_slow_check_times_out_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow_unless_fast(answer: str, reference: str) -> bool:
+        if answer == "slow":
+            time.sleep(60)
+        return True
+
+    monkeypatch.setattr(math_reward, "math_verify_equal", slow_unless_fast)
+    started = time.monotonic()
+    output = MathReward(num_workers=0, timeout_s=0.2)(["\\boxed{slow}", "\\boxed{x}"], ["1", "2"])
+    assert time.monotonic() - started < 5
+    assert output.correct == [False, True]
+    assert output.num_timeouts == 1 and output.num_errors == 0
+
+
+# Worker stand-ins for the pool tests. They are module-level so that spawned processes can import
+# them; they answer "correct" for everything except the answers that make them misbehave.
+def _misbehaving_worker(conn, timeout_s: float) -> None:
+    conn.send("ready")
+    while (batch := conn.recv()) is not None:
+        for answer, _ in batch:
+            if answer == "hang":
+                time.sleep(3600)  # no alarm here: only the parent's deadline can stop this
+            if answer == "crash":
+                os._exit(1)
+            conn.send(("ok", True))
+
+
+def test_pool_kills_a_stuck_worker_and_a_crashed_one_and_goes_on() -> None:
+    reward = MathReward(num_workers=1, timeout_s=0.3)
+    reward._worker_target = _misbehaving_worker
+    try:
+        started = time.monotonic()
+        output = reward(["\\boxed{a}", "\\boxed{hang}", "\\boxed{b}", "\\boxed{crash}", "\\boxed{c}"], ["1"] * 5)
+        assert time.monotonic() - started < 60
+        assert output.correct == [True, False, True, False, True]
+        assert output.num_timeouts == 1 and output.num_errors == 1
+        # the replaced worker keeps serving
+        assert reward(["\\boxed{d}"], ["1"]).correct == [True]
+    finally:
+        reward.close()
+
+
+def test_pool_agrees_with_in_process_and_survives_pickling() -> None:
+    responses = ["\\boxed{0.5}", "\\boxed{3}", "\\boxed{x^2-1}", "\\boxed{\\sqrt{8}}", "nothing", "\\boxed{2}"]
+    references = ["\\frac{1}{2}", "4", "(x-1)(x+1)", "2\\sqrt{2}", "1", "2"]
+    expected = MathReward(num_workers=0)(responses, references)
+    reward = MathReward(num_workers=2)
+    try:
+        output = reward(responses, references)
+        assert output.correct == expected.correct == [True, False, True, True, False, True]
+        clone = pickle.loads(pickle.dumps(reward))  # a used reward pickles without its processes
+        assert clone._workers == [] and clone.num_workers == 2
+    finally:
+        reward.close()
+        reward.close()  # idempotent
+
+
+def _ground_truth_rows(name: str, limit: int | None) -> list[str]:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"benchmark data not found at {DATA_DIR}")
+    import pyarrow.parquet as pq
+
+    reward_models = pq.read_table(DATA_DIR / f"{name}.parquet", columns=["reward_model"]).column(0).to_pylist()
+    references = [row["ground_truth"] for row in reward_models]
+    if limit is None:
+        return references
+    unique = list(dict.fromkeys(references))
+    return unique[:: max(1, len(unique) // limit)][:limit]
+
+
+def _assert_ground_truths_score_correct(references: list[str], self_check: int | None) -> None:
+    responses = [f"The answer is \\boxed{{{reference}}}" for reference in references]
+    for mode in ("math_verify", "dapo_strict"):
+        output = MathReward(mode=mode, num_workers=0)(responses, references)
+        failures = [reference for reference, ok in zip(references, output.correct) if not ok]
+        assert failures == [], mode
+    # math-verify alone (no string fast path) must also accept each ground truth against itself,
+    # and must reject the next distinct ground truth (a different problem's answer)
+    subset = list(dict.fromkeys(references))[:self_check]
+    assert [gt for gt in subset if not math_verify_equal(extract_answer(f"\\boxed{{{gt}}}"), gt)] == []
+    pairs = [(other, gt) for gt, other in zip(subset, subset[1:] + subset[:1])]
+    wrong_pairs = [(other, gt) for other, gt in pairs if normalize_answer(other) != normalize_answer(gt)]
+    output = MathReward(num_workers=0)([f"\\boxed{{{other}}}" for other, _ in wrong_pairs], [gt for _, gt in wrong_pairs])
+    assert [pair for pair, ok in zip(wrong_pairs, output.correct) if ok] == []
+
+
+@pytest.mark.parametrize("name", BENCHMARK_FILES)
+def test_ground_truth_answers_score_correct_on_a_sample(name: str) -> None:
+    _assert_ground_truths_score_correct(_ground_truth_rows(name, limit=40), self_check=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BENCHMARK_FILES)
+def test_ground_truth_answers_score_correct_on_every_row(name: str) -> None:
+    _assert_ground_truths_score_correct(_ground_truth_rows(name, limit=None), self_check=None)
