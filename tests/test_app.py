@@ -132,3 +132,49 @@ def test_unknown_override_is_refused_by_hydra(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="algorithm.learning_rate"):
         compose(["algorithm.learning_rate=0.1"], tmp_path)
+
+
+class RaisesOnSeven:
+    """A verifier that raises on any response containing a 7 and rewards responses containing a 1."""
+
+    def __call__(self, responses, references):
+        from steer.rewards.base import RewardOutput
+
+        if any("7" in r for r in responses):
+            raise RuntimeError("broken checker")
+        scores = [float("1" in r) for r in responses]
+        return RewardOutput(scores=scores, correct=[s > 0 for s in scores])
+
+
+def test_a_reward_that_raises_on_one_sample_scores_it_zero_and_training_goes_on(tmp_path):
+    cfg = compose([*TINY_RUN, "logger=none", "~eval.benchmarks.arithmetic"], tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    cfg.reward = {"_target_": "tests.test_app.RaisesOnSeven"}
+    metrics = train(cfg)
+    assert metrics["reward/error_count"] >= 1
+    assert metrics["batch/optimizer_steps"] == 2
+
+
+def test_any_local_hf_model_folder_with_its_chat_template(tmp_path):
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+
+    tokenizer = build_char_tokenizer()
+    folder = tmp_path / "my-model"
+    build_tiny_policy(tokenizer, hidden_size=32, num_layers=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run_overrides = [o for o in TINY_RUN if not o.startswith("model.")]
+    cfg = compose([*run_overrides, "logger=none", "model=hf", f"model.path={folder}", "model.dtype=float32",
+                   "rollout.max_prompt_length=24"], tmp_path / "run")
+    metrics = train(cfg)
+    assert metrics["actor/entropy"] > 0
+    assert metrics["batch/prompts"] == 4 and metrics["batch/dropped_prompts"] == 0
+
+
+def test_over_long_prompts_are_dropped_counted_and_warned_about_once(tmp_path, caplog):
+    import logging
+
+    cfg = compose([*TINY_RUN, "logger=none", "rollout.max_prompt_length=23", "~eval.benchmarks.arithmetic"], tmp_path)
+    with caplog.at_level(logging.WARNING):
+        train(cfg)  # every prompt ("Q: Compute ab+cd+ef.\nA: ", 24 tokens) is too long
+    assert sum("dropping training prompts" in m for m in caplog.messages) == 1
+    assert sum("every prompt of the batch was dropped" in m for m in caplog.messages) == 2

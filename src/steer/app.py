@@ -22,6 +22,7 @@ from steer.config import ConfigError, check_config
 from steer.data.datamodule import PromptDataModule
 from steer.models.loader import load_policy
 from steer.module import RLVRModule
+from steer.rewards.base import score_safely
 from steer.rollout.base import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def build_module(cfg: DictConfig) -> tuple[RLVRModule, dict | None]:
         raise ConfigError("the tiny model's warm-up needs the arithmetic task (data=arithmetic); or set model.path")
 
     def is_correct(responses, references):
-        return reward(responses, references).correct
+        return score_safely(reward, responses, references).correct
 
     tokenizer, policy, warmup_info = load_policy(
         cfg.model.path,

@@ -42,7 +42,7 @@ class KLSchema:
 
 @dataclass
 class AlgorithmConfig:
-    steps: int = 600
+    steps: int = 300
     """RL steps (rollout batches) to train."""
     estimator: str = "grpo"
     """Group advantage estimator: grpo, drgrpo, rloo, opo."""

@@ -29,7 +29,7 @@ from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
 from steer.config import AlgorithmConfig
 from steer.data.records import PromptRecord
-from steer.rewards.base import Reward
+from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class PromptBatch:
 
     records: list[PromptRecord]
     prompt_ids: list[list[int]]
+    dropped: int = 0
+    """Prompts of this batch dropped for being longer than ``rollout.max_prompt_length``."""
 
 
 class PhaseTimer:
@@ -155,7 +157,8 @@ class RLVRModule(L.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         algo, timer, n = self.algorithm, PhaseTimer(), self.sampling.n
         if not batch.prompt_ids:
-            log.warning("step %d: every prompt of the batch was dropped (too long); skipping", self.rl_step)
+            log.warning("step %d: every prompt of the batch was dropped (too long); no update", self.rl_step)
+            self._finish_step({"batch/prompts": 0.0, "batch/dropped_prompts": float(batch.dropped)})
             return
 
         # 1. Rollout: n responses per prompt, adjacent rows per group.
@@ -167,7 +170,7 @@ class RLVRModule(L.LightningModule):
         with timer("reward"):
             responses = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
             references = [record.reference for record in batch.records for _ in range(n)]
-            scored = self.reward(responses, references)
+            scored = score_safely(self.reward, responses, references)
             rewards = torch.tensor(scored.scores, dtype=torch.float32, device=self.device).view(-1, n)
 
         # 3. Group-normalised advantages, broadcast over each response's tokens.
@@ -216,6 +219,7 @@ class RLVRModule(L.LightningModule):
             "response/truncated_rate": rollout.truncated.float().mean().item(),
             "batch/zero_variance_group_rate": (rewards.std(-1) == 0).float().mean().item(),
             "batch/prompts": float(len(batch.prompt_ids)),
+            "batch/dropped_prompts": float(batch.dropped),
             "batch/optimizer_steps": float(self.optimizer_steps_per_batch),
             "rollout/sampler_logprob_gap": masked_mean((rollout.sampling_logprobs - old_logprobs).abs(), mask).item(),
         }
@@ -223,9 +227,12 @@ class RLVRModule(L.LightningModule):
         self._warn_if_on_policy_interventions_are_inert(metrics)
         for intervention in self.interventions:
             intervention.after_optimizer_step(metrics)
+        self._finish_step(metrics)
+
+    def _finish_step(self, metrics: dict[str, float]) -> None:
         self._publish(metrics)
         self.rl_step += 1
-        if self.rl_step >= algo.steps:
+        if self.rl_step >= self.algorithm.steps:
             self.trainer.should_stop = True
 
     def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs) -> dict[str, float]:
@@ -338,8 +345,9 @@ class RLVRModule(L.LightningModule):
         """Every metric to the loggers at the RL step; reward and entropy to the progress bar."""
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.rl_step)
-        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=1)
-        self.log("entropy", metrics["actor/entropy"], prog_bar=True, logger=False, batch_size=1)
+        for name, key in (("reward", "reward/mean"), ("entropy", "actor/entropy")):
+            if key in metrics:
+                self.log(name, metrics[key], prog_bar=True, logger=False, batch_size=1)
         self.last_metrics = metrics
 
     def on_fit_start(self) -> None:

@@ -33,7 +33,8 @@ class SummaryCallback(L.Callback):
         last = getattr(module, "last_metrics", None)
         if self.first_metrics and last:
             for key in ("reward/accuracy", "actor/entropy", "response/length_mean"):
-                table.add_row(f"train {key}", f"{self.first_metrics[key]:.3f}", f"{last[key]:.3f}")
+                if key in self.first_metrics and key in last:
+                    table.add_row(f"train {key}", f"{self.first_metrics[key]:.3f}", f"{last[key]:.3f}")
         console.print(table)
         if self.warmup_info:
             console.print(f"warm-up: {self.warmup_info['steps']} supervised steps, sampled held-out accuracy "

@@ -40,10 +40,16 @@ class PromptDataModule(L.LightningDataModule):
 
     def _collate(self, records) -> PromptBatch:
         kept, prompt_ids, dropped = encode_prompts(
-            records, self.tokenizer, self.max_prompt_length, self.use_chat_template
+            records, self.tokenizer, self.max_prompt_length, self.use_chat_template, warn=False
         )
+        if dropped and not self.dropped_prompts:  # one warning per run; the metric counts the rest
+            log.warning(
+                "dropping training prompts longer than rollout.max_prompt_length=%d tokens (%d in the first "
+                "such batch); every drop is counted in the metric batch/dropped_prompts",
+                self.max_prompt_length, dropped,
+            )
         self.dropped_prompts += dropped
-        return PromptBatch(records=kept, prompt_ids=prompt_ids)
+        return PromptBatch(records=kept, prompt_ids=prompt_ids, dropped=dropped)
 
     def transfer_batch_to_device(self, batch: PromptBatch, device, dataloader_idx: int) -> PromptBatch:
         return batch  # token ids are padded and moved to the device by the rollout engine

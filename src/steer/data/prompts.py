@@ -30,11 +30,12 @@ def encode_prompts(
     max_prompt_length: int,
     use_chat_template: bool = True,
     what: str = "prompts",
+    warn: bool = True,
 ) -> tuple[list[PromptRecord], list[list[int]], int]:
     """Tokenise prompts and drop those longer than ``max_prompt_length`` tokens.
 
-    Returns ``(kept_records, kept_token_ids, num_dropped)``; when any prompt is dropped, one
-    warning says how many.
+    Returns ``(kept_records, kept_token_ids, num_dropped)``; when any prompt is dropped and
+    ``warn`` is set, one warning says how many.
     """
     kept, ids, dropped = [], [], 0
     for record in records:
@@ -45,7 +46,7 @@ def encode_prompts(
             continue
         kept.append(record)
         ids.append(token_ids)
-    if dropped:
+    if dropped and warn:
         log.warning(
             "dropped %d of %d %s longer than max_prompt_length=%d tokens",
             dropped, len(records), what, max_prompt_length,

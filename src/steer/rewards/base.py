@@ -13,7 +13,10 @@ training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import logging
 from typing import Any, Protocol, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,13 +37,21 @@ class Reward(Protocol):
     def __call__(self, responses: Sequence[str], references: Sequence[Any]) -> RewardOutput: ...
 
 
-def safe_scores(check, responses: Sequence[str], references: Sequence[Any]) -> RewardOutput:
-    """Run a per-sample ``check(response, reference) -> float`` in this process, scoring 0 on error."""
-    scores, errors = [], 0
+def score_safely(reward: Reward, responses: Sequence[str], references: Sequence[Any]) -> RewardOutput:
+    """``reward(responses, references)``; if the verifier raises on the batch, score the samples one
+    by one: a sample whose check raises scores 0, is counted in ``num_errors``, and training goes on."""
+    try:
+        return reward(responses, references)
+    except Exception as error:  # noqa: BLE001 - a user verifier must not stop training
+        log.warning("reward raised on a batch (%r); scoring its samples one by one", error)
+    scores, correct, errors = [], [], 0
     for response, reference in zip(responses, references, strict=True):
         try:
-            scores.append(float(check(response, reference)))
-        except Exception:  # noqa: BLE001 - a broken sample must never stop training
+            single = reward([response], [reference])
+            scores.append(float(single.scores[0]))
+            correct.append(bool(single.correct[0]))
+        except Exception:  # noqa: BLE001
             scores.append(0.0)
+            correct.append(False)
             errors += 1
-    return RewardOutput(scores=scores, correct=[s > 0 for s in scores], num_errors=errors)
+    return RewardOutput(scores=scores, correct=correct, num_errors=errors)
