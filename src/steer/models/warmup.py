@@ -110,13 +110,15 @@ def cached_warmup(
     key_parts: Sequence[object],
 ):
     """Load the warmed-up ``(tokenizer, policy)`` from the cache, or build, warm up and save them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from steer.models.loader import load_tokenizer
 
     folder = Path(cache_dir).expanduser() / warmup_key(task, config, *key_parts)
     if (folder / "warmup.json").exists():
         info = json.loads((folder / "warmup.json").read_text())
         log.info("loaded warmed-up policy from %s (held-out accuracy %.3f)", folder, info["accuracy"])
-        tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        tokenizer = load_tokenizer(str(folder))
         return tokenizer, AutoModelForCausalLM.from_pretrained(folder), info
     tokenizer, policy = build()
     log.info("supervised warm-up of the tiny policy (cached afterwards in %s)", folder)
