@@ -134,7 +134,6 @@ class RLVRModule(L.LightningModule):
             self.interventions.append(ReferenceKLPenalty(algorithm.kl.coef, algorithm.kl.estimator))
         self.observers: list[StepObserver] = []
         self.rl_step = 0
-        self.reward_errors_total = 0
         self._warned_on_policy = False
 
     # ------------------------------------------------------------------ optimiser
@@ -188,18 +187,15 @@ class RLVRModule(L.LightningModule):
 
         # 5. Policy update: mini-batches of whole groups, micro-batches for memory.
         update_metrics, index = MetricMean(), 0
-        with timer("update"):
-            for _ in range(algo.epochs):
-                for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
-                    step_metrics = self._optimizer_step(
-                        rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs
-                    )
-                    update_metrics.add(step_metrics, weight=1.0)
-                    if self.observers:
-                        with timer("observers"), torch.no_grad():
-                            for observer in self.observers:
-                                observer.after_optimizer_step(self, context, rows, index)
-                    index += 1
+        for _ in range(algo.epochs):
+            for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
+                with timer("update"):
+                    step_metrics = self._optimizer_step(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs)
+                update_metrics.add(step_metrics, weight=1.0)
+                with timer("observers"), torch.no_grad():
+                    for observer in self.observers:
+                        observer.after_optimizer_step(self, context, rows, index)
+                index += 1
 
         # 6. Metrics of this RL step.
         mask = rollout.response_mask
@@ -223,10 +219,9 @@ class RLVRModule(L.LightningModule):
             "batch/optimizer_steps": float(self.optimizer_steps_per_batch),
             "rollout/sampler_logprob_gap": masked_mean((rollout.sampling_logprobs - old_logprobs).abs(), mask).item(),
         }
-        self.reward_errors_total += scored.num_errors
         self._warn_if_on_policy_interventions_are_inert(metrics)
         for intervention in self.interventions:
-            intervention.after_optimizer_step(metrics)
+            intervention.after_rl_step(metrics)
         self._finish_step(metrics)
 
     def _finish_step(self, metrics: dict[str, float]) -> None:

@@ -656,14 +656,14 @@ def test_global_scope_across_two_ranks(tmp_path: Path) -> None:
 
 def test_adaptive_entropy_bonus_controller_and_state() -> None:
     bonus = AdaptiveEntropyBonus(target_entropy=0.5, initial_coefficient=0.001, step=0.001, max_coefficient=0.0025)
-    bonus.after_optimizer_step({"actor/entropy": 0.1})
+    bonus.after_rl_step({"actor/entropy": 0.1})
     assert bonus.coefficient == pytest.approx(0.002)
-    bonus.after_optimizer_step({"actor/entropy": 0.2})
+    bonus.after_rl_step({"actor/entropy": 0.2})
     assert bonus.coefficient == pytest.approx(0.0025)  # clamped at the upper bound
     for _ in range(5):
-        bonus.after_optimizer_step({"actor/entropy": 0.9})
+        bonus.after_rl_step({"actor/entropy": 0.9})
     assert bonus.coefficient == 0.0  # clamped at the lower bound
-    bonus.after_optimizer_step({"actor/entropy": 0.3})
+    bonus.after_rl_step({"actor/entropy": 0.3})
     state = bonus.state_dict()
     resumed = AdaptiveEntropyBonus(target_entropy=0.5, step=0.001, max_coefficient=0.0025)
     resumed.load_state_dict(state)
@@ -674,7 +674,7 @@ def test_adaptive_entropy_bonus_controller_and_state() -> None:
     assert torch.allclose(penalty[tokens.mask], -0.001 * tokens.entropy[tokens.mask])
     assert metrics["intervention/entropy_bonus/coefficient"].item() == pytest.approx(0.001)
     with pytest.raises(KeyError, match="actor/entropy"):
-        resumed.after_optimizer_step({})
+        resumed.after_rl_step({})
 
 
 # ------------------------------------------------------------------------ bad arguments

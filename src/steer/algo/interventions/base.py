@@ -13,7 +13,7 @@ Hook (default: no change)           used by
 ``token_mask`` (tokens to keep)     Clip-Cov, fork tokens (80/20)
 ``token_penalty`` (with gradient)   entropy bonus, KL-Cov, KL to the reference model
 ``begin_minibatch``                 statistics over a whole mini-batch (``scope: global``)
-``after_optimizer_step`` + state    controllers, e.g. an adaptive entropy coefficient
+``after_rl_step`` + state           controllers, e.g. an adaptive entropy coefficient
 
 Hooks write detached statistics into the ``metrics`` dict they receive, under keys
 ``intervention/<name>/<what>``; one key has one meaning.
@@ -114,7 +114,7 @@ class Intervention:
     def needs_minibatch_pass(self) -> bool:
         return False
 
-    def after_optimizer_step(self, metrics: dict[str, float]) -> None:
+    def after_rl_step(self, metrics: dict[str, float]) -> None:
         """Update controller state from the step's reduced metrics (e.g. ``actor/entropy``)."""
 
     def state_dict(self) -> dict[str, Any]:

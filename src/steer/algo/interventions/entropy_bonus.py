@@ -7,7 +7,7 @@ policy loss, which equals subtracting ``beta`` times the aggregated entropy (ver
 
 :class:`AdaptiveEntropyBonus` steers ``beta`` toward a target entropy with the additive
 controller of Skywork-OR1 (He et al. 2025, arXiv 2505.22312, "adaptive entropy control"): after
-each optimiser step, ``beta += step`` if the step's token-mean entropy is below the target,
+each RL step, ``beta += step`` if the step's token-mean entropy is below the target,
 ``beta -= step`` if above, then ``beta`` is clamped to ``[min_coefficient, max_coefficient]``.
 """
 
@@ -52,7 +52,7 @@ class AdaptiveEntropyBonus(EntropyBonus):
     Args:
         target_entropy: the token-mean entropy (nats) to hold, ``> 0``.
         initial_coefficient: ``beta`` before the first step, inside the bounds.
-        step: the additive change per optimiser step, ``> 0``.
+        step: the additive change per RL step, ``> 0``.
         min_coefficient, max_coefficient: bounds on ``beta``, ``0 <= min <= max``.
         entropy_key: the metric the trainer logs the step's token-mean entropy under.
     """
@@ -87,10 +87,10 @@ class AdaptiveEntropyBonus(EntropyBonus):
         self.max_coefficient = float(max_coefficient)
         self.entropy_key = entropy_key
 
-    def after_optimizer_step(self, metrics: dict[str, float]) -> None:
+    def after_rl_step(self, metrics: dict[str, float]) -> None:
         if self.entropy_key not in metrics:
             raise KeyError(
-                f"the adaptive entropy bonus needs the metric {self.entropy_key!r} after each optimiser step"
+                f"the adaptive entropy bonus needs the metric {self.entropy_key!r} after each RL step"
             )
         entropy = float(metrics[self.entropy_key])
         if entropy < self.target_entropy:
