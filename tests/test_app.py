@@ -178,3 +178,23 @@ def test_over_long_prompts_are_dropped_counted_and_warned_about_once(tmp_path, c
         train(cfg)  # every prompt ("Q: Compute ab+cd+ef.\nA: ", 24 tokens) is too long
     assert sum("dropping training prompts" in m for m in caplog.messages) == 1
     assert sum("every prompt of the batch was dropped" in m for m in caplog.messages) == 2
+
+
+def test_multirun_from_the_command_line_writes_one_mlflow_store_per_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    overrides = [o for o in TINY_RUN if "progress" not in o] + ["algorithm.steps=1", "callbacks.progress=null"]
+    command = [sys.executable, str(REPO / "src" / "run.py"), "-m", "seed=1,2", *overrides,
+               f"hydra.sweep.dir={tmp_path}", "+trainer.enable_progress_bar=false"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["grpo_seed1", "grpo_seed2"]
+    assert sorted((tmp_path / name).name for name in ("0_grpo_seed1", "1_grpo_seed2") if (tmp_path / name).is_dir()) == [
+        "0_grpo_seed1", "1_grpo_seed2"]
