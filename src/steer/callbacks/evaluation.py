@@ -1,9 +1,23 @@
-"""Held-out / benchmark evaluation as a Lightning callback: before training, every N steps, at the end.
+"""Benchmark evaluation as a Lightning callback: before training, every N steps, at the end.
 
-Each benchmark samples ``samples_per_prompt`` responses per prompt with its own sampling settings,
-scores them with a reward, and logs ``eval/<benchmark>/mean_at_<k>`` (accuracy averaged over the k
-samples) and ``eval/<benchmark>/entropy`` (token-mean entropy of the evaluation samples). Results
-also go to ``eval_results.jsonl`` in the run folder, one line per (step, benchmark).
+Each benchmark samples ``k`` responses per prompt with its own sampling settings, scores them with
+a reward and logs, under ``eval/<benchmark>/``:
+
+- ``mean_at_<k>``: accuracy averaged over the k samples of each prompt, then over prompts (avg@k);
+- ``pass_at_<j>`` for each j of ``pass_at_k``: the unbiased estimator of Chen et al. (2021) from
+  all k samples;
+- ``maj_at_<j>`` for each j of ``maj_at_k``: accuracy of the majority answer among the first j
+  samples (only with a reward that can extract answers, e.g. :class:`~steer.rewards.math.MathReward`);
+- each of those with a percentile-bootstrap 95% interval over prompts: ``<metric>_ci_low`` / ``_ci_high``;
+- ``entropy`` (token-mean entropy of the sampled positions, at the sampling temperature, before
+  top-p), ``response_length_mean``, ``truncated_rate``,
+  ``prompts``, ``dropped_prompts``.
+
+A record with ``num_copies > 1`` (AIME/AMC files repeat each problem 32 times, the released code's
+way of getting avg@32) is ONE prompt: it is generated once with ``n = k`` and weighs as one prompt.
+``samples_per_prompt: null`` takes k from the records' ``num_copies``.
+
+Results also go to ``eval_results.jsonl`` in the run folder, one line per (step, benchmark).
 """
 
 from __future__ import annotations
@@ -11,18 +25,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from steer.algo.aggregation import masked_mean
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.data.prompts import encode_prompts
 from steer.data.records import PromptRecord
+from steer.eval.metrics import bootstrap_ci, maj_at_k, pass_at_k
 from steer.rewards.base import Reward
 from steer.rollout.base import SamplingParams
 
@@ -33,14 +48,24 @@ log = logging.getLogger(__name__)
 class Benchmark:
     name: str
     records: list[PromptRecord]
-    samples_per_prompt: int = 4
+    samples_per_prompt: int | None = 4
+    """k samples per prompt; None: the records' ``num_copies`` (32 for the replicated AIME/AMC files)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 40
     reward: Reward | None = None
     """None: the trainer's reward."""
     batch_prompts: int = 64
-    """Prompts generated together."""
+    """Prompts generated together (``batch_prompts * k`` sequences in one generate call)."""
+    pass_at_k: Sequence[int] | None = None
+    """k values of ``pass_at_<k>``; None: ``[k]`` when k > 1. Values above k are skipped."""
+    maj_at_k: Sequence[int] | None = None
+    """k values of ``maj_at_<k>``; None: ``[k]`` when k > 1. Needs a reward that extracts answers."""
+    entropy_batch_size: int = 16
+    """Sequences per forward pass when measuring the samples' entropy (bounds memory)."""
+    use_chat_template: bool = True
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
 
 
 @dataclass
@@ -53,37 +78,160 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def evaluate_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> dict[str, float]:
-    """Generate, score and summarise one benchmark with the module's policy and rollout engine."""
+@dataclass
+class BenchmarkSamples:
+    """What sampling a benchmark produced, before any summary."""
+
+    correct: np.ndarray
+    """``[num_prompts, k]`` booleans."""
+    answers: list[list[str | None]] | None
+    """Extracted (normalised) answer of each sample, or None when the reward cannot extract answers."""
+    entropy_sum: float = 0.0
+    token_count: float = 0.0
+    truncated: float = 0.0
+    dropped_prompts: int = 0
+
+
+def answer_extractor(reward) -> Callable[[str], str | None] | None:
+    """How to read a response's final answer for majority voting: the reward's ``extract_answer``
+    method; for :class:`MathReward` the math module's extractor (normalised, so that ``\\frac12``
+    and ``\\frac{1}{2}`` vote together); None otherwise (maj@k is then skipped)."""
+    method = getattr(reward, "extract_answer", None)
+    if callable(method):
+        return method
+    from steer.rewards.math import MathReward, extract_answer, normalize_answer
+
+    if isinstance(reward, MathReward):
+        def extract(response: str) -> str | None:
+            answer = extract_answer(response)
+            return None if answer is None else normalize_answer(answer)
+
+        return extract
+    return None
+
+
+def _safe_extract(extract: Callable[[str], str | None], response: str) -> str | None:
+    try:
+        return extract(response)
+    except Exception:  # noqa: BLE001 - an odd response must not stop the evaluation; it just casts no vote
+        return None
+
+
+def _valid_ks(requested: Sequence[int] | None, k: int, what: str, benchmark: str) -> list[int]:
+    if requested is None:
+        return [k] if k > 1 else []
+    kept = [j for j in requested if 1 <= j <= k]
+    if len(kept) != len(requested):
+        log.warning("%s: %s values %s need 1 <= value <= %d samples per prompt; skipped",
+                    benchmark, what, sorted(set(requested) - set(kept)), k)
+    return kept
+
+
+def samples_per_prompt(benchmark: Benchmark) -> int:
+    """k of a benchmark (from ``num_copies`` when ``samples_per_prompt`` is None)."""
+    if benchmark.samples_per_prompt is not None:
+        return int(benchmark.samples_per_prompt)
+    copies = {record.num_copies for record in benchmark.records}
+    if len(copies) > 1:
+        raise ValueError(f"benchmark {benchmark.name}: samples_per_prompt=null needs the same num_copies "
+                         f"for every record, found {sorted(copies)}; set samples_per_prompt")
+    return copies.pop() if copies else 1
+
+
+def summarize(
+    correct: np.ndarray,
+    answers: list[list[str | None]] | None,
+    pass_ks: Sequence[int],
+    maj_ks: Sequence[int],
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """mean@k, pass@j, maj@j of a ``[num_prompts, k]`` correctness matrix, each with its bootstrap CI.
+
+    Every metric is a mean over prompts of a per-prompt value; the CI resamples prompts.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    num_samples = correct.shape[1]
+    per_prompt: dict[str, np.ndarray] = {f"mean_at_{num_samples}": correct.mean(axis=1)}
+    for j in pass_ks:
+        per_prompt[f"pass_at_{j}"] = np.array([pass_at_k(num_samples, int(row.sum()), j) for row in correct])
+    if answers is not None:
+        for j in maj_ks:
+            per_prompt[f"maj_at_{j}"] = np.array(
+                [maj_at_k([row_answers], [row_correct], j) for row_answers, row_correct in zip(answers, correct)]
+            )
+    metrics: dict[str, float] = {}
+    for name, values in per_prompt.items():
+        metrics[name] = float(values.mean())
+        low, high = bootstrap_ci(values, num_resamples=num_resamples, confidence=confidence)
+        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+    return metrics
+
+
+def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> BenchmarkSamples:
+    """Generate ``k`` responses per prompt with the module's rollout engine; score and measure them."""
     reward = benchmark.reward or module.reward
+    extract = answer_extractor(reward)
+    k = samples_per_prompt(benchmark)
     records, prompt_ids, dropped = encode_prompts(
-        benchmark.records, module.tokenizer, max_prompt_length, what=f"{benchmark.name} prompts"
+        benchmark.records, module.tokenizer, max_prompt_length, benchmark.use_chat_template,
+        what=f"{benchmark.name} prompts",
     )
-    k = benchmark.samples_per_prompt
     params = SamplingParams(benchmark.temperature, benchmark.top_p, benchmark.max_new_tokens, n=k)
-    correct_rows, entropy_sum, token_count = [], 0.0, 0.0
+    chunk_tokens = getattr(getattr(module, "algorithm", None), "logprob_chunk_tokens", 4096)
+    samples = BenchmarkSamples(np.zeros((0, k), dtype=bool), [] if extract else None, dropped_prompts=dropped)
+    correct_rows = []
     module.rollout_engine.sync_weights(module.policy)
+    progress = tqdm(total=len(records), desc=f"eval {benchmark.name}", unit="prompt", disable=None, leave=False)
     for start in range(0, len(records), benchmark.batch_prompts):
         chunk = records[start : start + benchmark.batch_prompts]
         rollout = module.rollout_engine.generate(prompt_ids[start : start + benchmark.batch_prompts], params)
         responses = module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-        scored = reward(responses, [r.reference for r in chunk for _ in range(k)])
-        correct_rows.append(np.asarray(scored.correct, dtype=float).reshape(len(chunk), k))
-        with torch.no_grad():
-            width = rollout.response_ids.shape[1]
-            _, entropy = response_logprobs_and_entropy(
-                module.policy, rollout.input_ids, rollout.attention_mask, width, temperature=benchmark.temperature
-            )
-        mask = rollout.response_mask
-        entropy_sum += float((entropy * mask).sum())
-        token_count += float(mask.sum())
-    correct = np.concatenate(correct_rows) if correct_rows else np.zeros((0, k))
-    return {
-        f"mean_at_{k}": float(correct.mean()) if correct.size else 0.0,
-        "entropy": entropy_sum / max(token_count, 1.0),
-        "prompts": float(len(records)),
-        "dropped_prompts": float(dropped),
-    }
+        scored = reward(responses, [record.reference for record in chunk for _ in range(k)])
+        correct_rows.append(np.asarray(scored.correct, dtype=bool).reshape(len(chunk), k))
+        if extract is not None:
+            answers = [_safe_extract(extract, response) for response in responses]
+            samples.answers.extend(answers[row * k : (row + 1) * k] for row in range(len(chunk)))
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        with torch.no_grad():  # entropy of the tempered distribution (before top-p) at each sampled position
+            for first in range(0, rollout.response_ids.shape[0], benchmark.entropy_batch_size):
+                rows = slice(first, first + benchmark.entropy_batch_size)
+                mask = rollout.response_mask[rows]
+                width = int(mask.sum(-1).max().clamp(min=1))
+                cut = input_ids.shape[1] - rollout.response_ids.shape[1] + width
+                _, entropy = response_logprobs_and_entropy(
+                    module.policy, input_ids[rows, :cut], attention_mask[rows, :cut], width,
+                    temperature=benchmark.temperature, chunk_tokens=chunk_tokens,
+                )
+                samples.entropy_sum += float((entropy * mask[:, :width]).sum())
+        samples.token_count += float(rollout.response_mask.sum())
+        samples.truncated += float(rollout.truncated.sum())
+        progress.update(len(chunk))
+    progress.close()
+    if correct_rows:
+        samples.correct = np.concatenate(correct_rows)
+    return samples
+
+
+def evaluate_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> dict[str, float]:
+    """Generate, score and summarise one benchmark with the module's policy and rollout engine."""
+    k = samples_per_prompt(benchmark)
+    samples = sample_benchmark(module, benchmark, max_prompt_length)
+    num_prompts = samples.correct.shape[0]
+    metrics = {"prompts": float(num_prompts), "dropped_prompts": float(samples.dropped_prompts)}
+    if num_prompts == 0:
+        log.warning("%s: no prompt left to evaluate (all longer than max_prompt_length=%d?)",
+                    benchmark.name, max_prompt_length)
+        return metrics
+    pass_ks = _valid_ks(benchmark.pass_at_k, k, "pass_at_k", benchmark.name)
+    maj_ks = _valid_ks(benchmark.maj_at_k, k, "maj_at_k", benchmark.name)
+    metrics.update(summarize(samples.correct, samples.answers, pass_ks, maj_ks,
+                             benchmark.bootstrap_resamples, benchmark.confidence))
+    sequences = num_prompts * k
+    metrics["entropy"] = samples.entropy_sum / max(samples.token_count, 1.0)
+    metrics["response_length_mean"] = samples.token_count / sequences
+    metrics["truncated_rate"] = samples.truncated / sequences
+    return metrics
 
 
 class EvaluationCallback(L.Callback):
@@ -106,23 +254,45 @@ class EvaluationCallback(L.Callback):
         was_training = module.policy.training
         module.policy.eval()
         results = []
-        for benchmark in self.benchmarks:
-            start = time.perf_counter()
-            metrics = evaluate_benchmark(module, benchmark, self.max_prompt_length)
-            result = EvalResult(module.rl_step, benchmark.name, metrics, time.perf_counter() - start, int(metrics["prompts"]))
-            results.append(result)
-            for logger in loggers:
-                logger.log_metrics({f"eval/{benchmark.name}/{k}": v for k, v in metrics.items()}, step=module.rl_step)
-            log.info("eval step %d %s: %s", module.rl_step, benchmark.name,
-                     ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            if self.output_file is not None:
-                self.output_file.parent.mkdir(parents=True, exist_ok=True)
-                with self.output_file.open("a") as handle:
-                    handle.write(json.dumps(result.__dict__) + "\n")
-        module.policy.train(was_training)
+        try:
+            for benchmark in self.benchmarks:
+                start = time.perf_counter()
+                metrics = evaluate_benchmark(module, benchmark, self.max_prompt_length)
+                result = EvalResult(module.rl_step, benchmark.name, metrics, time.perf_counter() - start,
+                                    int(metrics["prompts"]), extra=self._settings(benchmark))
+                results.append(result)
+                for logger in loggers:
+                    logger.log_metrics({f"eval/{benchmark.name}/{k}": v for k, v in metrics.items()}, step=module.rl_step)
+                log.info("eval step %d %s: %s", module.rl_step, benchmark.name,
+                         ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "_ci_" not in k))
+                if self.output_file is not None:
+                    self.output_file.parent.mkdir(parents=True, exist_ok=True)
+                    with self.output_file.open("a") as handle:
+                        handle.write(json.dumps(asdict(result)) + "\n")
+        finally:
+            module.policy.train(was_training)
         self.history.extend(results)
         self._last_evaluated_step = module.rl_step
         return results
+
+    @staticmethod
+    def _settings(benchmark: Benchmark) -> dict:
+        """The sampling settings, kept next to the numbers in the JSON file."""
+        return {
+            "samples_per_prompt": samples_per_prompt(benchmark),
+            "temperature": benchmark.temperature,
+            "top_p": benchmark.top_p,
+            "max_new_tokens": benchmark.max_new_tokens,
+            "reward": "trainer's reward" if benchmark.reward is None
+            else f"{type(benchmark.reward).__name__}(mode={getattr(benchmark.reward, 'mode', None)!r})",
+        }
+
+    def close(self) -> None:
+        """Stop the benchmark rewards' worker processes (restarted if evaluated again)."""
+        for benchmark in self.benchmarks:
+            close = getattr(benchmark.reward, "close", None)
+            if callable(close):
+                close()
 
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         self.run(module)
@@ -134,3 +304,4 @@ class EvaluationCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module) -> None:
         if module.rl_step != self._last_evaluated_step:
             self.run(module)
+        self.close()

