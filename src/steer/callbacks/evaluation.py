@@ -38,7 +38,7 @@ from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.data.prompts import encode_prompts
 from steer.data.records import PromptRecord
 from steer.eval.metrics import bootstrap_ci, maj_at_k, pass_at_k
-from steer.rewards.base import Reward
+from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> Be
         chunk = records[start : start + benchmark.batch_prompts]
         rollout = module.rollout_engine.generate(prompt_ids[start : start + benchmark.batch_prompts], params)
         responses = module.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-        scored = reward(responses, [record.reference for record in chunk for _ in range(k)])
+        scored = score_safely(reward, responses, [record.reference for record in chunk for _ in range(k)])
         correct_rows.append(np.asarray(scored.correct, dtype=bool).reshape(len(chunk), k))
         if extract is not None:
             answers = [_safe_extract(extract, response) for response in responses]

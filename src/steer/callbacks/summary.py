@@ -28,7 +28,7 @@ class SummaryCallback(L.Callback):
             for name in dict.fromkeys(r.benchmark for r in evaluation.history):
                 results = [r for r in evaluation.history if r.benchmark == name]
                 for key in results[0].metrics:
-                    if key.startswith("mean_at") or key == "entropy":
+                    if (key.startswith("mean_at") and "_ci_" not in key) or key == "entropy":
                         table.add_row(f"held-out {name} {key}", f"{results[0].metrics[key]:.3f}", f"{results[-1].metrics[key]:.3f}")
         last = getattr(module, "last_metrics", None)
         if self.first_metrics and last:
