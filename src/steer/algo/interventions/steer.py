@@ -119,16 +119,20 @@ class SteerReweighting(Intervention):
     def needs_minibatch_pass(self) -> bool:
         return self.scope == "global"
 
-    def omega_abs(self, tokens: PolicyTokens, ppo: PPOTerms | None) -> torch.Tensor:
-        """``|Omega|`` per token ``[B, T]``, non-finite values as 0."""
+    def signed_omega(self, tokens: PolicyTokens, ppo: PPOTerms | None) -> torch.Tensor:
+        """``Omega`` per token ``[B, T]`` (positive: predicted entropy decrease), non-finite values as 0."""
         advantages = tokens.advantages if ppo is None else ppo.advantages
         if self.omega == "released":
             omega = released_omega(advantages, tokens.logprobs, tokens.old_logprobs, tokens.old_entropy)
         else:
             if ppo is None:
-                raise ValueError("steer with omega=first_order " + NEEDS_PPO)
+                raise ValueError(f"{self.name} with omega=first_order " + NEEDS_PPO)
             omega = first_order_omega(advantages, ppo.ratio, ppo.clipped, tokens.logprobs, tokens.entropy)
-        return torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega)).abs()
+        return torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega))
+
+    def omega_abs(self, tokens: PolicyTokens, ppo: PPOTerms | None) -> torch.Tensor:
+        """``|Omega|`` per token ``[B, T]``, non-finite values as 0."""
+        return self.signed_omega(tokens, ppo).abs()
 
     def _local_range(self, omega_abs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = torch.where(valid, omega_abs, torch.full_like(omega_abs, torch.inf)).min()

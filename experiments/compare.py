@@ -1,0 +1,215 @@
+"""Paper-style comparison of MLflow runs: method x benchmark table (mean +- 95% CI over seeds) and
+overlaid entropy / accuracy curves per intervention.
+
+    python experiments/compare.py --tracking-uri sqlite:///multirun/DATE/TIME/mlflow.db \
+        [--tracking-uri sqlite:///another/mlflow.db] --experiment steer-lab \
+        [--filter "params.algorithm.steps = '600'"] [--methods grpo steer ...] --out DIR
+
+A run's method is its param ``intervention.name`` and its seed the param ``seed`` (runs are named
+``<intervention>_seed<seed>``). Table columns: every ``eval/<benchmark>/mean_at_<k>`` at the run's
+last logged step, the training token entropy (``actor/entropy``) at the first and last step, and the
+held-out entropy (``eval/<benchmark>/entropy``) at the last evaluation. The 95% CI is Student's t
+half-width ``t_{0.975, n-1} s / sqrt(n)`` over the seeds (blank for a single seed).
+Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png`` and ``accuracy_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import numpy as np
+from scipy import stats
+
+EVAL_ACCURACY = re.compile(r"^eval/(?P<benchmark>[^/]+)/mean_at_(?P<k>\d+)$")
+
+
+@dataclass
+class RunData:
+    method: str
+    seed: str
+    final: dict[str, float]
+    """Column name -> value of this run."""
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Metric name -> history, for the overlay plots."""
+
+
+def method_of(run) -> str:
+    name = run.data.params.get("intervention.name")
+    if name:
+        return name
+    run_name = run.data.tags.get("mlflow.runName", run.info.run_id)
+    return run_name.rsplit("_seed", 1)[0]
+
+
+def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: str = "",
+                 curve_keys: Sequence[str] = ("actor/entropy", "reward/accuracy"),
+                 extra_last: Sequence[str] = (), extra_mean: Sequence[str] = ()) -> list[RunData]:
+    """Read every run of ``experiment`` in each store, with its table values and curves.
+
+    ``extra_last`` metrics join the table with their last value (column ``<key>``), ``extra_mean``
+    ones with their mean over all logged steps (column ``<key> (run mean)``).
+    """
+    runs: list[RunData] = []
+    for uri in tracking_uris:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            continue
+        for run in client.search_runs([found.experiment_id], filter_string=filter_string, max_results=10_000):
+            metrics = run.data.metrics
+            final: dict[str, float] = {}
+            curves: dict[str, list[tuple[int, float]]] = {}
+            keys = list(curve_keys) + [k for k in metrics if k.startswith("eval/")]
+            for key in dict.fromkeys(keys):
+                if key in metrics:
+                    curves[key] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            for key, value in metrics.items():
+                if EVAL_ACCURACY.match(key):
+                    final[key] = value
+                elif key.startswith("eval/") and key.endswith("/entropy"):
+                    final[f"{key} (end)"] = value
+            for key in extra_last:
+                if key in metrics:
+                    final[key] = metrics[key]
+            for key in extra_mean:
+                if key in metrics:
+                    history = client.get_metric_history(run.info.run_id, key)
+                    final[f"{key} (run mean)"] = float(np.mean([m.value for m in history]))
+            if curves.get("actor/entropy"):
+                final["actor/entropy (start)"] = curves["actor/entropy"][0][1]
+                final["actor/entropy (end)"] = curves["actor/entropy"][-1][1]
+            runs.append(RunData(method_of(run), run.data.params.get("seed", "?"), final, curves))
+    return runs
+
+
+def mean_and_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the Student-t 95% half-width (NaN for fewer than 2 values)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return math.nan, math.nan
+    if array.size < 2:
+        return float(array.mean()), math.nan
+    half = stats.t.ppf(0.975, array.size - 1) * array.std(ddof=1) / math.sqrt(array.size)
+    return float(array.mean()), float(half)
+
+
+def table(runs: Sequence[RunData], methods: Sequence[str] | None = None) -> tuple[list[str], list[str], dict]:
+    """``(methods, columns, cells)`` with ``cells[(method, column)] = (mean, ci, n, values)``."""
+    methods = list(methods or dict.fromkeys(r.method for r in runs))
+    accuracy = sorted({c for r in runs for c in r.final if EVAL_ACCURACY.match(c)})
+    entropy = sorted({c for r in runs for c in r.final if not EVAL_ACCURACY.match(c)})
+    columns = accuracy + entropy
+    cells = {}
+    for method in methods:
+        for column in columns:
+            values = [r.final[column] for r in runs if r.method == method and column in r.final]
+            cells[(method, column)] = (*mean_and_ci(values), len(values), values)
+    return methods, columns, cells
+
+
+def _cell(mean: float, ci: float, n: int) -> str:
+    if n == 0:
+        return ""
+    return f"{mean:.3f} ± {ci:.3f} (n={n})" if math.isfinite(ci) else f"{mean:.3f} (n={n})"
+
+
+def write_table(runs: Sequence[RunData], out: Path, methods: Sequence[str] | None = None) -> tuple[Path, Path]:
+    methods, columns, cells = table(runs, methods)
+    markdown = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in methods:
+        markdown.append(f"| {method} | " + " | ".join(_cell(*cells[(method, c)][:3]) for c in columns) + " |")
+    md_path = out / "comparison.md"
+    md_path.write_text("Mean ± 95% CI (Student t) over seeds; accuracy = held-out mean@k at the last step.\n\n"
+                       + "\n".join(markdown) + "\n")
+    csv_path = out / "comparison.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "column", "mean", "ci95", "n", "values"])
+        for method in methods:
+            for column in columns:
+                mean, ci, n, values = cells[(method, column)]
+                writer.writerow([method, column, mean, ci, n, " ".join(f"{v:.6g}" for v in values)])
+    return md_path, csv_path
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over runs at the steps every run has."""
+    common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    values = np.array([[dict(c)[s] for s in common] for c in curves], dtype=np.float64)
+    return np.array(common), values.mean(0), values.min(0), values.max(0)
+
+
+def plot_curves(runs: Sequence[RunData], out: Path, methods: Sequence[str] | None = None, smooth: int = 10) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(methods or dict.fromkeys(r.method for r in runs))
+    accuracy_keys = sorted({k for r in runs for k in r.curves if EVAL_ACCURACY.match(k)})
+    panels = [("entropy_curves", ["actor/entropy"] + sorted({k for r in runs for k in r.curves if k.startswith("eval/") and k.endswith("/entropy")})),
+              ("accuracy_curves", accuracy_keys + ["reward/accuracy"])]
+    bases = list(dict.fromkeys(m.replace("_extreme", "") for m in methods))
+    colors = {base: plt.cm.tab10(i % 10) for i, base in enumerate(bases)}
+    written = []
+    for name, keys in panels:
+        keys = [k for k in keys if any(k in r.curves for r in runs)]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for method in methods:
+                curves = [r.curves[key] for r in runs if r.method == method and r.curves.get(key)]
+                if not curves:
+                    continue
+                steps, mean, low, high = _mean_curve(curves)
+                if key in ("actor/entropy", "reward/accuracy") and smooth > 1 and mean.size >= smooth:
+                    kernel = np.ones(smooth) / smooth
+                    pad = lambda v: np.convolve(np.concatenate([np.full(smooth - 1, v[0]), v]), kernel, mode="valid")  # noqa: E731
+                    mean, low, high = pad(mean), pad(low), pad(high)
+                color = colors[method.replace("_extreme", "")]  # an arm and its extreme-clip variant share a colour
+                ax.plot(steps, mean, color=color, label=f"{method} (n={len(curves)})", linewidth=1.2,
+                        marker="o" if len(steps) <= 20 else None, linestyle="--" if "extreme" in method else "-")
+                ax.fill_between(steps, low, high, color=color, alpha=0.12)
+            ax.set_title(key + (f" ({smooth}-step mean)" if key in ("actor/entropy", "reward/accuracy") else ""), fontsize=9)
+            ax.set_xlabel("RL step")
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", action="append", required=True, help="repeat to merge several stores")
+    parser.add_argument("--experiment", default="steer-lab")
+    parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.seed != '4'\"")
+    parser.add_argument("--methods", nargs="*", default=None, help="row order (default: order of appearance)")
+    parser.add_argument("--out", default="comparison")
+    parser.add_argument("--extra-last", nargs="*", default=[], help="more metrics as columns, last value")
+    parser.add_argument("--extra-mean", nargs="*", default=[], help="more metrics as columns, mean over steps")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect_runs(args.tracking_uri, args.experiment, args.filter,
+                        extra_last=args.extra_last, extra_mean=args.extra_mean)
+    if not runs:
+        raise SystemExit(f"no runs of experiment {args.experiment!r} in {args.tracking_uri} (filter {args.filter!r})")
+    methods = args.methods or sorted(dict.fromkeys(r.method for r in runs))
+    paths = [*write_table(runs, out, methods), *plot_curves(runs, out, methods)]
+    print((out / "comparison.md").read_text())
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Pool the entropy probe's per-token data of a study, per arm: which predictor tracks the measured
+entropy change, how much of the change is spill-over, and what the STEER-type weights look like.
+
+    python experiments/study/analyse_probe.py multirun/study/main > probe_analysis.md
+
+Reads every ``<part>/<n>_<arm>_seed<k>/entropy_probe/probe_data.npz`` below the study folder.
+Per-run numbers are averaged over the arm's seeds (each run has its own fitted scale).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from steer.algo import entropy_dynamics as ed  # noqa: E402
+
+RUN = re.compile(r"^\d+_(?P<arm>.+)_seed(?P<seed>\d+)$")
+STATS = ("pearson", "spearman", "sign_agreement", "pearson_top10", "sign_agreement_top10")
+
+
+def run_statistics(data: dict[str, np.ndarray]) -> dict[str, float]:
+    measured = torch.from_numpy(data["measured"]).double()
+    everything = torch.ones_like(measured, dtype=torch.bool)
+    out: dict[str, float] = {}
+    for name in ed.PREDICTORS:
+        result = ed.compare_prediction(torch.from_numpy(data[name]).double(), measured, everything)
+        for key in STATS:
+            out[f"{name}/{key}"] = result[key]
+    zero = data["advantage"] == 0
+    if zero.any():
+        out["spill_ratio"] = float(np.abs(data["measured"][zero]).mean() / np.abs(data["measured"]).mean())
+    for key in data:
+        if key.startswith("steer_weights/"):
+            weights = data[key]
+            out["weight_mean"] = float(weights.mean())
+            out["weight_below_0_99"] = float((weights < 0.99).mean())
+    return out
+
+
+def main(folder: str) -> None:
+    per_arm: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for path in sorted(Path(folder).glob("*/*/entropy_probe/probe_data.npz")):
+        match = RUN.match(path.parents[1].name)
+        if match:
+            with np.load(path) as data:
+                per_arm[match["arm"]].append(run_statistics({k: data[k] for k in data.files}))
+    columns = [f"{p}/{s}" for p in ed.PREDICTORS for s in STATS] + ["spill_ratio", "weight_mean", "weight_below_0_99"]
+    print("| arm | runs | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
+    for arm, runs in per_arm.items():
+        cells = []
+        for column in columns:
+            values = [r[column] for r in runs if column in r and np.isfinite(r[column])]
+            cells.append(f"{np.mean(values):.3f}" if values else "")
+        print(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    pooled = [r for runs in per_arm.values() for r in runs]
+    print()
+    print("All runs, mean over runs:")
+    for name in ed.PREDICTORS:
+        print(f"- {name}: " + ", ".join(f"{s} {np.nanmean([r[f'{name}/{s}'] for r in pooled]):.3f}" for s in STATS))
+    spill = [r["spill_ratio"] for r in pooled if "spill_ratio" in r]
+    if spill:
+        print(f"- spill-over: mean |measured dH| at zero-advantage states / at all states = {np.mean(spill):.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
