@@ -7,7 +7,6 @@ interventions' own argument checks, the reward) before any model is built or war
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning as L

@@ -7,7 +7,7 @@ typos inside YAML files, wrong types and inconsistent values, and turn each into
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf

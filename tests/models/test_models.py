@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
-import pytest
 import torch
 
 from steer.data.arithmetic import ArithmeticTask
