@@ -42,7 +42,7 @@ class KLSchema:
 
 @dataclass
 class AlgorithmConfig:
-    steps: int = 300
+    steps: int = 250
     """RL steps (rollout batches) to train."""
     estimator: str = "grpo"
     """Group advantage estimator: grpo, drgrpo, rloo, opo."""
