@@ -275,13 +275,14 @@ class RLVRModule(L.LightningModule):
 
     def _forward(self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None):
         """Log-probs and entropies ``[len(rows), width]`` of the first ``width`` response positions."""
-        input_ids = rollout.input_ids[rows]
-        attention = rollout.attention_mask[rows]
-        cut = input_ids.shape[1] - rollout.response_ids.shape[1] + width
+        # Select the rows and cut the response first: concatenating the whole batch per micro-batch
+        # would copy every sequence once per forward pass.
+        input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :width]], dim=1)
+        attention = torch.cat([rollout.prompt_mask[rows], rollout.response_mask[rows, :width]], dim=1)
         return response_logprobs_and_entropy(
             model or self.policy,
-            input_ids[:, :cut],
-            attention[:, :cut],
+            input_ids,
+            attention,
             width,
             temperature=self.sampling.temperature,
             chunk_tokens=self.algorithm.logprob_chunk_tokens,
