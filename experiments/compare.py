@@ -3,14 +3,19 @@ overlaid entropy / accuracy curves per intervention.
 
     python experiments/compare.py --tracking-uri sqlite:///multirun/DATE/TIME/mlflow.db \
         [--tracking-uri sqlite:///another/mlflow.db] --experiment steer-lab \
-        [--filter "params.algorithm.steps = '600'"] [--methods grpo steer ...] --out DIR
+        [--filter "params.algorithm.steps = '600'"] [--methods grpo steer ...] --out DIR \
+        [--select-by eval/aime24/mean_at_32] [--label-by algorithm.estimator intervention.name]
 
-A run's method is its param ``intervention.name`` and its seed the param ``seed`` (runs are named
-``<intervention>_seed<seed>``). Table columns: every ``eval/<benchmark>/mean_at_<k>`` at the run's
-last logged step, the training token entropy (``actor/entropy``) at the first and last step, and the
-held-out entropy (``eval/<benchmark>/entropy``) at the last evaluation. The 95% CI is Student's t
-half-width ``t_{0.975, n-1} s / sqrt(n)`` over the seeds (blank for a single seed).
-Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png`` and ``accuracy_curves.png``.
+A run's method is its param ``intervention.name`` (or the params named by ``--label-by``, joined by
+" / ") and its seed the param ``seed`` (runs are named ``<intervention>_seed<seed>``). Table
+columns: every ``eval/<benchmark>/mean_at_<k>`` at the run's last logged step, the training token
+entropy (``actor/entropy``) at the first and last step, and the held-out entropy
+(``eval/<benchmark>/entropy``) at the last evaluation. With ``--select-by METRIC`` the eval columns
+are read at the evaluation where METRIC was best instead (checkpoint selection, as the STEER paper
+picks the checkpoint with the best AIME24 score), and a ``selected step`` column says which.
+The 95% CI is Student's t half-width ``t_{0.975, n-1} s / sqrt(n)`` over the seeds (blank for a
+single seed). Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png`` and
+``accuracy_curves.png``.
 """
 
 from __future__ import annotations
@@ -40,21 +45,34 @@ class RunData:
     """Metric name -> history, for the overlay plots."""
 
 
-def method_of(run) -> str:
-    name = run.data.params.get("intervention.name")
-    if name:
-        return name
+def method_of(run, label_by: Sequence[str] = ("intervention.name",)) -> str:
+    """The run's row label: the values of the params ``label_by``, joined by " / "."""
+    params = run.data.params
+    if all(key in params for key in label_by):
+        return " / ".join(params[key] for key in label_by)
     run_name = run.data.tags.get("mlflow.runName", run.info.run_id)
     return run_name.rsplit("_seed", 1)[0]
 
 
+def best_step(history: Sequence[tuple[int, float]], mode: str = "max") -> int:
+    """The step where ``history`` is best (the earliest of ties): the selected checkpoint."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"select mode must be 'max' or 'min', got {mode!r}")
+    sign = 1.0 if mode == "max" else -1.0
+    return max(history, key=lambda point: (sign * point[1], -point[0]))[0]
+
+
 def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: str = "",
                  curve_keys: Sequence[str] = ("actor/entropy", "reward/accuracy"),
-                 extra_last: Sequence[str] = (), extra_mean: Sequence[str] = ()) -> list[RunData]:
+                 extra_last: Sequence[str] = (), extra_mean: Sequence[str] = (),
+                 select_by: str | None = None, select_mode: str = "max",
+                 label_by: Sequence[str] = ("intervention.name",)) -> list[RunData]:
     """Read every run of ``experiment`` in each store, with its table values and curves.
 
     ``extra_last`` metrics join the table with their last value (column ``<key>``), ``extra_mean``
-    ones with their mean over all logged steps (column ``<key> (run mean)``).
+    ones with their mean over all logged steps (column ``<key> (run mean)``). With ``select_by``,
+    the eval columns hold their value at the step where that metric is best (``select_mode``); a
+    run that never logged it is left out, with a message.
     """
     runs: list[RunData] = []
     for uri in tracking_uris:
@@ -70,11 +88,22 @@ def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: s
             for key in dict.fromkeys(keys):
                 if key in metrics:
                     curves[key] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            selected = None
+            if select_by is not None:
+                if not curves.get(select_by):
+                    print(f"left out run {run.info.run_name or run.info.run_id}: no metric {select_by!r} to select by")
+                    continue
+                selected = best_step(curves[select_by], select_mode)
+                final["selected step"] = float(selected)
             for key, value in metrics.items():
+                if selected is not None and key.startswith("eval/"):
+                    if selected not in dict(curves[key]):
+                        continue  # this benchmark was not evaluated at the selected step
+                    value = dict(curves[key])[selected]
                 if EVAL_ACCURACY.match(key):
                     final[key] = value
                 elif key.startswith("eval/") and key.endswith("/entropy"):
-                    final[f"{key} (end)"] = value
+                    final[f"{key} (end)" if selected is None else f"{key} (selected)"] = value
             for key in extra_last:
                 if key in metrics:
                     final[key] = metrics[key]
@@ -85,7 +114,7 @@ def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: s
             if curves.get("actor/entropy"):
                 final["actor/entropy (start)"] = curves["actor/entropy"][0][1]
                 final["actor/entropy (end)"] = curves["actor/entropy"][-1][1]
-            runs.append(RunData(method_of(run), run.data.params.get("seed", "?"), final, curves))
+            runs.append(RunData(method_of(run, label_by), run.data.params.get("seed", "?"), final, curves))
     return runs
 
 
@@ -120,13 +149,14 @@ def _cell(mean: float, ci: float, n: int) -> str:
     return f"{mean:.3f} ± {ci:.3f} (n={n})" if math.isfinite(ci) else f"{mean:.3f} (n={n})"
 
 
-def write_table(runs: Sequence[RunData], out: Path, methods: Sequence[str] | None = None) -> tuple[Path, Path]:
+def write_table(runs: Sequence[RunData], out: Path, methods: Sequence[str] | None = None,
+                at: str = "the last step") -> tuple[Path, Path]:
     methods, columns, cells = table(runs, methods)
     markdown = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method in methods:
         markdown.append(f"| {method} | " + " | ".join(_cell(*cells[(method, c)][:3]) for c in columns) + " |")
     md_path = out / "comparison.md"
-    md_path.write_text("Mean ± 95% CI (Student t) over seeds; accuracy = held-out mean@k at the last step.\n\n"
+    md_path.write_text(f"Mean ± 95% CI (Student t) over seeds; accuracy = held-out mean@k at {at}.\n\n"
                        + "\n".join(markdown) + "\n")
     csv_path = out / "comparison.csv"
     with csv_path.open("w", newline="") as handle:
@@ -198,15 +228,22 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", default="comparison")
     parser.add_argument("--extra-last", nargs="*", default=[], help="more metrics as columns, last value")
     parser.add_argument("--extra-mean", nargs="*", default=[], help="more metrics as columns, mean over steps")
+    parser.add_argument("--select-by", default=None,
+                        help="read the eval columns at the evaluation where this metric is best, e.g. eval/aime24/mean_at_32")
+    parser.add_argument("--select-mode", choices=("max", "min"), default="max")
+    parser.add_argument("--label-by", nargs="+", default=["intervention.name"],
+                        help="params whose values name a row, e.g. algorithm.estimator intervention.name")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(args.tracking_uri, args.experiment, args.filter,
-                        extra_last=args.extra_last, extra_mean=args.extra_mean)
+                        extra_last=args.extra_last, extra_mean=args.extra_mean,
+                        select_by=args.select_by, select_mode=args.select_mode, label_by=args.label_by)
     if not runs:
         raise SystemExit(f"no runs of experiment {args.experiment!r} in {args.tracking_uri} (filter {args.filter!r})")
     methods = args.methods or sorted(dict.fromkeys(r.method for r in runs))
-    paths = [*write_table(runs, out, methods), *plot_curves(runs, out, methods)]
+    at = f"the evaluation with the best {args.select_by} ({args.select_mode})" if args.select_by else "the last step"
+    paths = [*write_table(runs, out, methods, at), *plot_curves(runs, out, methods)]
     print((out / "comparison.md").read_text())
     return paths
 

@@ -66,3 +66,52 @@ def test_filter_and_single_seed(store, tmp_path):
 def test_unknown_experiment_is_an_error(store, tmp_path):
     with pytest.raises(SystemExit, match="no runs"):
         compare(["--tracking-uri", store, "--experiment", "nope", "--out", str(tmp_path / "x")])
+
+
+@pytest.fixture(scope="module")
+def paper_store(tmp_path_factory):
+    """Two estimators x one intervention, AIME24 and MATH500 evaluated at steps 0, 10, 20."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('paper')}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("steer-lab")
+    aime = {"grpo": [0.10, 0.30, 0.20], "rloo": [0.10, 0.15, 0.25]}   # best at step 10 / step 20
+    math500 = {"grpo": [0.50, 0.70, 0.80], "rloo": [0.50, 0.60, 0.65]}
+    for estimator in ("grpo", "rloo"):
+        for seed in (1, 2):
+            run_id = client.create_run(experiment, run_name=f"steer_seed{seed}").info.run_id
+            params = [Param("intervention.name", "steer"), Param("algorithm.estimator", estimator), Param("seed", str(seed))]
+            metrics = []
+            for i, step in enumerate((0, 10, 20)):
+                metrics += [Metric("eval/aime24/mean_at_32", aime[estimator][i] + 0.01 * seed, 0, step),
+                            Metric("eval/math500/mean_at_1", math500[estimator][i], 0, step),
+                            Metric("eval/math500/entropy", 0.1 * i, 0, step)]
+            client.log_batch(run_id, metrics=metrics, params=params)
+    return uri
+
+
+def test_select_by_best_aime24_and_label_by_estimator(paper_store, tmp_path):
+    out = tmp_path / "paper"
+    compare(["--tracking-uri", paper_store, "--out", str(out), "--select-by", "eval/aime24/mean_at_32",
+             "--label-by", "algorithm.estimator", "intervention.name"])
+    rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert float(rows[("grpo / steer", "selected step")]["mean"]) == 10  # AIME24 peaks at step 10 ...
+    assert float(rows[("grpo / steer", "eval/math500/mean_at_1")]["mean"]) == pytest.approx(0.70)  # ... not the last 0.80
+    assert float(rows[("grpo / steer", "eval/aime24/mean_at_32")]["mean"]) == pytest.approx(0.315)
+    assert float(rows[("rloo / steer", "selected step")]["mean"]) == 20
+    assert float(rows[("rloo / steer", "eval/math500/mean_at_1")]["mean"]) == pytest.approx(0.65)
+    assert float(rows[("rloo / steer", "eval/math500/entropy (selected)")]["mean"]) == pytest.approx(0.2)
+    assert "best eval/aime24/mean_at_32" in (out / "comparison.md").read_text()
+    # without --select-by: the last evaluation, one row per intervention name (both estimators pooled)
+    compare(["--tracking-uri", paper_store, "--out", str(tmp_path / "last")])
+    last = {(r["method"], r["column"]): r for r in csv.DictReader((tmp_path / "last" / "comparison.csv").open())}
+    assert float(last[("steer", "eval/math500/mean_at_1")]["mean"]) == pytest.approx((0.80 + 0.65) / 2)
+    assert int(last[("steer", "eval/math500/mean_at_1")]["n"]) == 4
+
+
+def test_select_by_leaves_out_runs_without_the_metric(paper_store, tmp_path):
+    with pytest.raises(SystemExit, match="no runs"):
+        compare(["--tracking-uri", paper_store, "--out", str(tmp_path / "x"), "--select-by", "eval/nope/mean_at_1"])
+    from experiments.compare import best_step
+
+    assert best_step([(0, 0.2), (10, 0.5), (20, 0.5)]) == 10  # ties: the earliest
+    assert best_step([(0, 0.2), (10, 0.5)], "min") == 0

@@ -17,9 +17,11 @@ torch.set_num_threads(1)
 
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 
-# The same for every experiment: the tiny random model on CPU, no tracking, no progress bars.
+# The same for every experiment: the tiny random model on CPU, no tracking, no progress bars. The
+# engines are chosen here (rollout=hf, trainer=default) so that experiments whose GPU defaults are
+# vLLM rollouts or a multi-GPU strategy still smoke-run on a CPU.
 TINY = [
-    "model=tiny", "model.path=null", "model.gguf_file=null", "model.dtype=float32", "model.warmup=null",
+    "rollout=hf", "trainer=default", "model=tiny", "model.path=null", "model.gguf_file=null", "model.dtype=float32", "model.warmup=null",
     "model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.max_positions=4096",
     "algorithm.steps=2", "algorithm.n=2", "algorithm.prompts_per_step=2", "algorithm.minibatch_prompts=1",
     "algorithm.micro_batch_size=null", "rollout.max_new_tokens=4", "rollout.max_prompt_length=4096",
@@ -39,14 +41,21 @@ def tiny_overrides(experiment: str, tmp_path) -> list[str]:
     overrides = [f"+experiment={experiment}", *TINY]
     if "limit" in cfg.data.get("train", {}):
         overrides.append("data.train.limit=4")
-    for key in ("math_reward", "code_reward"):
+    if "num_workers" in cfg.get("reward", {}):  # math: score in-process (0); code: one sandbox at a time
+        overrides.append(f"reward.num_workers={int(cfg.reward._target_.endswith('CodeReward'))}")
+    for key, workers in (("math_reward", 0), ("code_reward", 1)):
         if key in cfg.eval and "num_workers" in cfg.eval[key]:
-            overrides.append(f"eval.{key}.num_workers=0")
+            overrides.append(f"eval.{key}.num_workers={workers}")
     for name, spec in (cfg.eval.get("benchmarks") or {}).items():
         prefix = f"eval.benchmarks.{name}"
+        if spec.records.get("name") == "mbpp_plus" and importlib.util.find_spec("evalplus") is None:
+            overrides.append(f"~{prefix}")  # MBPP+ needs the optional `code` extra
+            continue
         overrides += [f"{prefix}.samples_per_prompt=2", f"{prefix}.max_new_tokens=4"]
         if "limit" in spec.records:
             overrides.append(f"{prefix}.records.limit=2")
+        if "tests" in spec.records:  # EvalPlus: the base inputs only (fewer canonical-solution runs)
+            overrides.append(f"{prefix}.records.tests=base")
     if "entropy_probe" in (cfg.get("callbacks") or {}):
         overrides.append("callbacks.entropy_probe=null")
     return overrides
@@ -64,6 +73,7 @@ def test_experiment_smoke_run(experiment, tmp_path):
     cfg = compose(tiny_overrides(experiment, tmp_path), tmp_path)
     metrics = run(cfg)
     benchmarks = list(cfg.eval.benchmarks)
+    assert cfg.rollout.engine._target_ == "steer.rollout.hf.HFRolloutEngine" and cfg.trainer.accelerator == "cpu"
     lines = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
     if cfg.mode == "eval":
         assert [line["benchmark"] for line in lines] == benchmarks

@@ -63,6 +63,7 @@ def load_evalplus(
     data_dir: str | Path | None = None,
     tests: Literal["base", "plus"] = "plus",
     task_ids: Sequence[str] | None = None,
+    limit: int | None = None,
     num_workers: int = 2,
 ) -> list[PromptRecord]:
     """Load HumanEval+ or MBPP+ with expected outputs computed from the canonical solutions.
@@ -74,6 +75,7 @@ def load_evalplus(
             ``path`` is None. With neither, the ``evalplus`` package downloads the release.
         tests: ``"base"`` (the original tests' inputs) or ``"plus"`` (base + EvalPlus inputs).
         task_ids: keep only these tasks (in this order), e.g. for a quick subset.
+        limit: keep only the first N tasks (after ``task_ids``; quick runs and smoke tests).
         num_workers: canonical solutions run at once when computing expected outputs.
     """
     if name not in EVALPLUS_FILES:
@@ -85,6 +87,8 @@ def load_evalplus(
         tasks = [tasks[task_id] for task_id in task_ids]
     else:
         tasks = list(tasks.values())
+    if limit is not None:
+        tasks = tasks[:limit]
     references = [_evalplus_reference(name, task, tests) for task in tasks]
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
         list(pool.map(_fill_expected_outputs, references))
@@ -98,14 +102,26 @@ def load_evalplus(
     ]
 
 
-def load_livecodebench(path: str | Path) -> list[PromptRecord]:
+def load_livecodebench(path: str | Path, *, exclude: str | Path | None = None,
+                       limit: int | None = None) -> list[PromptRecord]:
     """Load LiveCodeBench problems with their public tests from a JSON list.
 
     Accepts both layouts found in ``../shared/data/code``: ``tests`` as a list, or
     ``public_test_cases`` as a JSON string; each test is ``{input, output, testtype}`` with
     ``testtype`` "stdin" or "functional" (one JSON argument per input line, JSON output).
+
+    Args:
+        path: the JSON list.
+        exclude: another such file; its problems (same statement text) are dropped, so that a
+            training set drawn from ``path`` holds none of an evaluation set's problems.
+        limit: keep only the first N problems (after ``exclude``).
     """
     rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    if exclude is not None:
+        held_out = {row["problem"].strip() for row in json.loads(Path(exclude).read_text(encoding="utf-8"))}
+        rows = [row for row in rows if row["problem"].strip() not in held_out]
+    if limit is not None:
+        rows = rows[:limit]
     records = []
     for index, row in enumerate(rows):
         tests = row["tests"] if "tests" in row else json.loads(row["public_test_cases"])
