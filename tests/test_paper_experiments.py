@@ -129,3 +129,24 @@ def test_steer_code_trains_on_no_evaluated_problem(tmp_path, monkeypatch):
     held_out = instantiate(cfg.eval.benchmarks.livecodebench.records)
     assert len(train) == 600 and len(held_out) == 279
     assert not {r.prompt[0]["content"] for r in train} & {r.prompt[0]["content"] for r in held_out}
+
+
+def test_checkpoint_per_evaluation_override(tmp_path):
+    """The documented override keeps weights exactly at the evaluated RL steps: 160 optimiser steps
+    = eval.every_n_steps x prompts_per_step / minibatch_prompts in steer_math, and on a tiny run the
+    files land at the evaluations' steps."""
+    from steer.app import run
+    from tests.conftest import TINY_RUN
+
+    keep = ["+callbacks.checkpoint.every_n_train_steps=160", "callbacks.checkpoint.save_top_k=-1",
+            "+callbacks.checkpoint.save_weights_only=true"]
+    cfg = compose(["+experiment=steer_math", *keep], tmp_path)
+    per_step = cfg.algorithm.prompts_per_step // cfg.algorithm.minibatch_prompts
+    assert cfg.callbacks.checkpoint.every_n_train_steps == cfg.eval.every_n_steps * per_step == 160
+
+    # tiny: 4 RL steps of 2 optimiser steps, evaluations at 0, 2, 4 -> checkpoints at optimiser steps 4, 8
+    tiny = [*TINY_RUN, "algorithm.steps=4", "algorithm.minibatch_prompts=2", "eval.every_n_steps=2", "logger=none",
+            "callbacks.entropy_probe=null", "+callbacks.checkpoint.every_n_train_steps=4", *keep[1:]]
+    run(compose(tiny, tmp_path))
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("*-step=*.ckpt"))
+    assert saved == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt"]
