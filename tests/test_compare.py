@@ -69,11 +69,12 @@ def test_unknown_experiment_is_an_error(store, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def paper_store(tmp_path_factory):
-    """Two estimators x one intervention, AIME24 and MATH500 evaluated at steps 0, 10, 20."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('paper')}/mlflow.db"
+def paper_store(store):
+    """Two estimators x one intervention, AIME24 and MATH500 evaluated at steps 0, 10, 20 (experiment
+    "paper" in the same sqlite file: creating a store costs seconds)."""
+    uri = store
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("steer-lab")
+    experiment = client.create_experiment("paper")
     aime = {"grpo": [0.10, 0.30, 0.20], "rloo": [0.10, 0.15, 0.25]}   # best at step 10 / step 20
     math500 = {"grpo": [0.50, 0.70, 0.80], "rloo": [0.50, 0.60, 0.65]}
     for estimator in ("grpo", "rloo"):
@@ -91,7 +92,7 @@ def paper_store(tmp_path_factory):
 
 def test_select_by_best_aime24_and_label_by_estimator(paper_store, tmp_path):
     out = tmp_path / "paper"
-    compare(["--tracking-uri", paper_store, "--out", str(out), "--select-by", "eval/aime24/mean_at_32",
+    compare(["--tracking-uri", paper_store, "--experiment", "paper", "--out", str(out), "--select-by", "eval/aime24/mean_at_32",
              "--label-by", "algorithm.estimator", "intervention.name"])
     rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "comparison.csv").open())}
     assert float(rows[("grpo / steer", "selected step")]["mean"]) == 10  # AIME24 peaks at step 10 ...
@@ -102,7 +103,7 @@ def test_select_by_best_aime24_and_label_by_estimator(paper_store, tmp_path):
     assert float(rows[("rloo / steer", "eval/math500/entropy (selected)")]["mean"]) == pytest.approx(0.2)
     assert "best eval/aime24/mean_at_32" in (out / "comparison.md").read_text()
     # without --select-by: the last evaluation, one row per intervention name (both estimators pooled)
-    compare(["--tracking-uri", paper_store, "--out", str(tmp_path / "last")])
+    compare(["--tracking-uri", paper_store, "--experiment", "paper", "--out", str(tmp_path / "last")])
     last = {(r["method"], r["column"]): r for r in csv.DictReader((tmp_path / "last" / "comparison.csv").open())}
     assert float(last[("steer", "eval/math500/mean_at_1")]["mean"]) == pytest.approx((0.80 + 0.65) / 2)
     assert int(last[("steer", "eval/math500/mean_at_1")]["n"]) == 4
@@ -110,7 +111,8 @@ def test_select_by_best_aime24_and_label_by_estimator(paper_store, tmp_path):
 
 def test_select_by_leaves_out_runs_without_the_metric(paper_store, tmp_path):
     with pytest.raises(SystemExit, match="no runs"):
-        compare(["--tracking-uri", paper_store, "--out", str(tmp_path / "x"), "--select-by", "eval/nope/mean_at_1"])
+        compare(["--tracking-uri", paper_store, "--experiment", "paper", "--out", str(tmp_path / "x"),
+                 "--select-by", "eval/nope/mean_at_1"])
     from experiments.compare import best_step
 
     assert best_step([(0, 0.2), (10, 0.5), (20, 0.5)]) == 10  # ties: the earliest
