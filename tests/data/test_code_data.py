@@ -115,3 +115,21 @@ def test_without_a_path_evalplus_provides_the_release(monkeypatch: pytest.Monkey
 def test_unknown_evalplus_name_is_rejected():
     with pytest.raises(ValueError, match="humaneval_plus"):
         load_evalplus("apps", data_dir=CODE_DATA)  # type: ignore[arg-type]
+
+
+def test_livecodebench_exclude_and_limit(tmp_path: Path):
+    """`exclude` drops the problems of another file by statement; `limit` keeps the first N after it."""
+    full = CODE_DATA / "livecodebench_v5_public.json"
+    rows = json.loads(full.read_text())
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps([{"problem": "  " + rows[1]["problem"] + "\n"}, {"problem": rows[3]["problem"]}]))
+    kept = load_livecodebench(full, exclude=held_out, limit=3)
+    statements = [r.prompt[0]["content"] for r in kept]
+    assert len(kept) == 3
+    assert [rows[i]["problem"].strip() in s for s, i in zip(statements, (0, 2, 4))] == [True] * 3
+    assert len(load_livecodebench(full, exclude=full)) == 0
+
+
+def test_evalplus_limit_keeps_the_first_tasks():
+    records = load_evalplus("humaneval_plus", data_dir=CODE_DATA, tests="base", limit=2)
+    assert [r.reference["task_id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
