@@ -22,6 +22,7 @@ PAPER = {
     "algorithm.lr": 1e-6,
     "algorithm.lr_warmup_steps": 0,          # constant learning rate
     "algorithm.weight_decay": 0.01,
+    "algorithm.betas": [0.9, 0.999],
     "algorithm.grad_clip": 1.0,
     "algorithm.clip.low": 0.2,
     "algorithm.clip.high": 0.28,
