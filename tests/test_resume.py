@@ -139,3 +139,38 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     lines = [json.loads(line) for line in (killed / "eval_results.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (whole / "eval_results.jsonl").read_text().splitlines()]
     assert [(r["step"], r["metrics"]) for r in lines] == [(r["step"], r["metrics"]) for r in reference]
+
+
+class _FakeTrainer:
+    """What save_atomically uses of a Trainer; ``die`` simulates a kill in the middle of writing."""
+
+    is_global_zero = True
+
+    def __init__(self) -> None:
+        self.state, self.die = {"step": 1}, False
+        self.strategy = type("Strategy", (), {"barrier": lambda self, name=None: None})()
+
+    def save_checkpoint(self, path, weights_only=False) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(self.state, buffer)
+        with open(path, "wb") as handle:
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2] if self.die else buffer.getvalue())
+        if self.die:
+            raise KeyboardInterrupt("killed mid-write")
+
+
+def test_a_kill_mid_write_leaves_the_previous_checkpoint_whole(tmp_path):
+    from steer.checkpointing import save_atomically
+
+    trainer, path = _FakeTrainer(), tmp_path / "checkpoints" / "last.ckpt"
+    save_atomically(trainer, path)
+    trainer.state, trainer.die = {"step": 2, "weights": torch.ones(1000)}, True
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(trainer, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    trainer.die = False
+    save_atomically(trainer, path)  # the next save replaces the half-written temporary file
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
