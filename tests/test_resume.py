@@ -85,6 +85,12 @@ def test_a_checkpoint_holds_every_rng_and_counter(tmp_path):
     assert state["nonfinite"] == {"skips": 0, "consecutive": 0}
     callbacks = " ".join(state["callbacks"])
     assert "EvaluationCallback" in callbacks and "EntropyProbe" in callbacks and "SummaryCallback" in callbacks
+    # resuming a finished run trains nothing and changes nothing
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert train(compose([*TINY_RUN, *MOVING, "logger=none", "algorithm.steps=1", f"resume={checkpoint}"], tmp_path)) == {}
+    again = torch.load(checkpoint, weights_only=True)
+    assert again["rl_step"] == 1 and torch.equal(again["rng"]["torch"], state["rng"]["torch"])
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in state["state_dict"].items())
 
 
 def test_resume_arguments_take_the_saved_overrides(tmp_path):

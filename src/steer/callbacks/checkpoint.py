@@ -45,9 +45,16 @@ class PeriodicCheckpoint(Checkpoint):
         return self.dirpath / LAST
 
     def save(self, trainer: L.Trainer, module) -> None:
+        self._saved_at_step = module.rl_step  # before saving: the checkpoint records its own step
         save_atomically(trainer, self.path)
-        self._saved_at_step = module.rl_step
         log.info("checkpoint after RL step %d: %s", module.rl_step, self.path)
+
+    def state_dict(self) -> dict:
+        return {"saved_at_step": self._saved_at_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A resumed run that trains no further step does not rewrite the checkpoint it started from.
+        self._saved_at_step = state["saved_at_step"]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps and module.rl_step % self.every_n_steps == 0 and module.rl_step != self._saved_at_step:
