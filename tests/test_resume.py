@@ -107,6 +107,10 @@ def test_resume_arguments_take_the_saved_overrides(tmp_path):
         resume_arguments([f"resume={tmp_path / 'nothing'}"])
     with pytest.raises(ConfigError, match="multirun"):
         resume_arguments(["-m", f"resume={tmp_path}"])
+    from steer.config import check_config
+
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        check_config(compose([f"resume={tmp_path / 'missing.ckpt'}"], tmp_path))
 
 
 def _run(folder, extra=(), env=None) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ typos inside YAML files, wrong types and inconsistent values, and turn each into
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -137,6 +138,8 @@ def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
         raise ConfigError(f"algorithm.clip.dual must be > 1 or null, got {algorithm.clip.dual}")
     if algorithm.kl.coef < 0:
         raise ConfigError(f"algorithm.kl.coef must be >= 0, got {algorithm.kl.coef}")
+    if cfg.get("resume") and not Path(str(cfg.resume)).expanduser().is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file (src/run.py also takes a run folder)")
     if algorithm.max_consecutive_nonfinite < 0:
         raise ConfigError(f"algorithm.max_consecutive_nonfinite must be >= 0 (0: never stop), got {algorithm.max_consecutive_nonfinite}")
     if algorithm.lr <= 0:

@@ -272,6 +272,7 @@ class RLVRModule(L.LightningModule):
         max_norm = algo.grad_clip if algo.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)  # every rank skips, or none
         if finite:
             optimizer.step()
             self.lr_schedulers().step()
