@@ -397,8 +397,8 @@ class RLVRModule(L.LightningModule):
         if self.rl_step >= self.algorithm.steps:
             return -1  # Lightning: end the (endless) epoch without running the step
         if self._rng_to_restore is not None:
-            # Restored here, not in on_load_checkpoint: between the two, Lightning builds the data
-            # iterator, which draws from torch's generator, as the uninterrupted run did before step 0.
+            # Restored here, right before the first resumed step, not in on_load_checkpoint: nothing
+            # Lightning does in between (building loaders and iterators, start hooks) may shift the streams.
             restore_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
         return None
