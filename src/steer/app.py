@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from steer.callbacks.evaluation import Benchmark, EvaluationCallback
 from steer.callbacks.summary import SummaryCallback
+from steer.checkpointing import read_resume_info, skip_logged_steps
 from steer.config import ConfigError, check_config
 from steer.data.datamodule import PromptDataModule
 from steer.models.loader import load_policy
@@ -118,8 +119,16 @@ def build_evaluation(cfg: DictConfig) -> EvaluationCallback:
     )
 
 
-def build_logger(cfg: DictConfig):
-    """The configured logger with the resolved config as params, or False."""
+def build_logger(cfg: DictConfig, resume: dict | None = None):
+    """The configured logger with the resolved config as params, or False. ``resume``
+    (:func:`steer.checkpointing.read_resume_info`) continues the checkpoint's MLflow run."""
+    saved = (resume or {}).get("mlflow")
+    if saved and cfg.get("logger"):
+        logger = instantiate(cfg.logger, run_id=saved["run_id"], tracking_uri=saved["tracking_uri"])
+        skip_logged_steps(logger, resume["rl_step"])
+        logged = logger.experiment.get_run(logger.run_id).data.params  # MLflow refuses to change a param
+        logger.log_hyperparams({k: v for k, v in _flat_params(cfg).items() if k not in logged})
+        return logger
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(_flat_params(cfg))
@@ -138,12 +147,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         shuffle=cfg.data.shuffle,
         use_chat_template=cfg.data.use_chat_template,
     )
-    logger = build_logger(cfg)
+    resume = read_resume_info(cfg.resume) if cfg.get("resume") else None
+    logger = build_logger(cfg, resume)
     tracking_uri = getattr(logger, "_tracking_uri", None) if logger else None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
     return dict(getattr(module, "last_metrics", {}))
 
 

@@ -8,6 +8,7 @@ typos inside YAML files, wrong types and inconsistent values, and turn each into
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -70,6 +71,9 @@ class AlgorithmConfig:
     """Max global gradient norm; 0 disables clipping."""
     logprob_chunk_tokens: int = 4096
     """Tokens per output-head chunk when computing log-probs (bounds logits memory)."""
+    max_consecutive_nonfinite: int = 5
+    """Consecutive optimiser steps skipped for a non-finite loss or gradient before the run stops
+    (with ``checkpoints/nonfinite.ckpt``); 0 never stops."""
 
 
 @dataclass
@@ -134,6 +138,10 @@ def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
         raise ConfigError(f"algorithm.clip.dual must be > 1 or null, got {algorithm.clip.dual}")
     if algorithm.kl.coef < 0:
         raise ConfigError(f"algorithm.kl.coef must be >= 0, got {algorithm.kl.coef}")
+    if cfg.get("resume") and not Path(str(cfg.resume)).expanduser().is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file (src/run.py also takes a run folder)")
+    if algorithm.max_consecutive_nonfinite < 0:
+        raise ConfigError(f"algorithm.max_consecutive_nonfinite must be >= 0 (0: never stop), got {algorithm.max_consecutive_nonfinite}")
     if algorithm.lr <= 0:
         raise ConfigError(f"algorithm.lr must be > 0, got {algorithm.lr}")
     if rollout.temperature <= 0 or not 0 < rollout.top_p <= 1:

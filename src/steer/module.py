@@ -16,6 +16,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import lightning as L
@@ -27,12 +28,17 @@ from steer.algo.interventions.base import Intervention, PolicyTokens
 from steer.algo.kl import ReferenceKLPenalty
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
+from steer.checkpointing import CHECKPOINT_DIR, collect_rng_states, restore_rng_states, save_atomically
 from steer.config import AlgorithmConfig
 from steer.data.records import PromptRecord
 from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -135,6 +141,10 @@ class RLVRModule(L.LightningModule):
         self.observers: list[StepObserver] = []
         self.rl_step = 0
         self._warned_on_policy = False
+        self.nonfinite_skips = 0
+        """Optimiser steps skipped for a non-finite loss or gradient, over the whole run."""
+        self._consecutive_nonfinite = 0
+        self._rng_to_restore: dict | None = None
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -249,23 +259,52 @@ class RLVRModule(L.LightningModule):
 
         optimizer.zero_grad(set_to_none=True)
         micro_size = algo.micro_batch_size or len(rows)
-        metrics = MetricMean()
+        metrics, loss_sum = MetricMean(), torch.zeros((), device=self.device)
         for start in range(0, len(rows), micro_size):
             micro = rows[start : start + micro_size]
             logprobs, entropy = self._forward(rollout, micro, width)
             tokens = self._tokens(micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size])
             loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
             self.manual_backward(loss)
+            loss_sum += loss.detach()
             micro_metrics["actor/policy_loss"] = loss.detach() * totals.tokens / max(float(tokens.mask.sum()), 1.0)
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
         max_norm = algo.grad_clip if algo.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-        optimizer.step()
-        self.lr_schedulers().step()
+        finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)  # every rank skips, or none
+        if finite:
+            optimizer.step()
+            self.lr_schedulers().step()
+            self._consecutive_nonfinite = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_nonfinite(float(loss_sum), float(grad_norm))
         result = metrics.result()
         result["actor/grad_norm"] = float(grad_norm)
         result["actor/lr"] = optimizer.param_groups[0]["lr"]
+        result["actor/nonfinite_skip_count"] = float(not finite)
         return result
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Count a skipped optimiser step; after ``max_consecutive_nonfinite`` in a row, save the
+        (unchanged, last good) state to ``checkpoints/nonfinite.ckpt`` and stop."""
+        self.nonfinite_skips += 1
+        self._consecutive_nonfinite += 1
+        if self.nonfinite_skips == 1:  # one warning per run; the metric counts every skip
+            log.warning("RL step %d: non-finite loss (%s) or gradient norm (%s); optimiser step skipped "
+                        "(counted in actor/nonfinite_skip_count)", self.rl_step, loss, grad_norm)
+        limit = self.algorithm.max_consecutive_nonfinite
+        if limit and self._consecutive_nonfinite >= limit:
+            folder = next((getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks), None)
+            path = Path(folder or Path(self.trainer.default_root_dir) / CHECKPOINT_DIR) / "nonfinite.ckpt"
+            save_atomically(self.trainer, path)
+            raise NonFiniteError(
+                f"RL step {self.rl_step}: {self._consecutive_nonfinite} consecutive optimiser steps had a non-finite "
+                f"loss or gradient (algorithm.max_consecutive_nonfinite={limit}); stopped. The weights and "
+                f"optimiser state before them are in {path}; the last periodic checkpoint (exact resume point) "
+                f"is {path.with_name('last.ckpt')}. Try a lower algorithm.lr or a grad_clip."
+            )
 
     # ------------------------------------------------------------------ helpers
     def _minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
@@ -349,12 +388,39 @@ class RLVRModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.policy.train()  # from_pretrained returns modules in eval mode
 
+    def on_train_start(self) -> None:
+        if self.rl_step >= self.algorithm.steps:  # resumed from the final checkpoint: nothing to do
+            log.warning("resumed at RL step %d >= algorithm.steps=%d: no training left", self.rl_step, self.algorithm.steps)
+            self.trainer.should_stop = True
+
+    def on_train_batch_start(self, batch, batch_idx: int):
+        if self.rl_step >= self.algorithm.steps:
+            return -1  # Lightning: end the (endless) epoch without running the step
+        if self._rng_to_restore is not None:
+            # Restored here, right before the first resumed step, not in on_load_checkpoint: nothing
+            # Lightning does in between (building loaders and iterators, start hooks) may shift the streams.
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        return None
+
     # ------------------------------------------------------------------ checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
         checkpoint["interventions"] = [i.state_dict() for i in self.interventions]
+        checkpoint["rng"] = collect_rng_states()
+        checkpoint["nonfinite"] = {"skips": self.nonfinite_skips, "consecutive": self._consecutive_nonfinite}
+        mlflow = next((logger for logger in self.loggers if hasattr(logger, "run_id") and hasattr(logger, "_tracking_uri")), None)
+        if mlflow is not None:  # the run a resume continues (steer.checkpointing.read_resume_info)
+            checkpoint["mlflow_run"] = {"run_id": mlflow.run_id, "tracking_uri": mlflow._tracking_uri}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.rl_step = checkpoint.get("rl_step", 0)
         for intervention, state in zip(self.interventions, checkpoint.get("interventions", [])):
             intervention.load_state_dict(state)
+        self._rng_to_restore = checkpoint.get("rng")
+        nonfinite = checkpoint.get("nonfinite", {})
+        self.nonfinite_skips = nonfinite.get("skips", 0)
+        self._consecutive_nonfinite = nonfinite.get("consecutive", 0)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_step"):
+            datamodule.start_step = self.rl_step  # the loader yields the batch of step rl_step next

@@ -248,6 +248,22 @@ class EntropyProbe(L.Callback, StepObserver):
                 self.steer_weights.setdefault(intervention.name, []).append(weights[mask.bool()].float().cpu().numpy())
         return metrics
 
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """What the end-of-run figures and summary need from the steps before a resume (as tensors)."""
+        return {
+            "records": [{k: torch.from_numpy(v) for k, v in record.items()} for record in self.records],
+            "steer_weights": {k: [torch.from_numpy(c) for c in chunks] for k, chunks in self.steer_weights.items()},
+            "metric_history": {k: [(int(s), float(v)) for s, v in points] for k, points in self.metric_history.items()},
+            "warned_no_step": self._warned_no_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = [{k: v.numpy() for k, v in record.items()} for record in state["records"]]
+        self.steer_weights = {k: [c.numpy() for c in chunks] for k, chunks in state["steer_weights"].items()}
+        self.metric_history = {k: [tuple(p) for p in points] for k, points in state["metric_history"].items()}
+        self._warned_no_step = state["warned_no_step"]
+
     # ------------------------------------------------------------------ end of run
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         metrics = getattr(pl_module, "last_metrics", None)

@@ -294,8 +294,20 @@ class EvaluationCallback(L.Callback):
             if callable(close):
                 close()
 
+    def state_dict(self) -> dict:
+        return {"history": [asdict(result) for result in self.history], "last_evaluated_step": self._last_evaluated_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [EvalResult(**result) for result in state["history"]]
+        self._last_evaluated_step = state["last_evaluated_step"]
+
     def on_train_start(self, trainer: L.Trainer, module) -> None:
-        self.run(module)
+        if module.rl_step == 0:  # the "before training" evaluation; a resumed run has it in its history
+            self.run(module)
+        elif self.output_file is not None and trainer.is_global_zero:
+            # A killed process may have appended evaluations after its last checkpoint; the resumed
+            # run makes them again, so the file restarts from the checkpoint's history.
+            self.output_file.write_text("".join(json.dumps(asdict(result)) + "\n" for result in self.history))
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
         if module.rl_step % self.every_n_steps == 0 and module.rl_step != self._last_evaluated_step:

@@ -13,6 +13,12 @@ class SummaryCallback(L.Callback):
         self.warmup_info = warmup_info
         self.first_metrics: dict[str, float] | None = None
 
+    def state_dict(self) -> dict:
+        return {"first_metrics": self.first_metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first_metrics = state["first_metrics"]
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.first_metrics is None and getattr(module, "last_metrics", None):
             self.first_metrics = dict(module.last_metrics)

@@ -6,12 +6,46 @@ import logging
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from steer.data.prompts import encode_prompts
 from steer.module import PromptBatch
 
 log = logging.getLogger(__name__)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Endless batches of dataset indices, the batch of RL step ``s`` a pure function of ``(seed, s)``.
+
+    Step ``s`` takes batch ``p`` of epoch ``e`` (``e, p = divmod(s, len(dataset) // batch_size)``; an
+    incomplete last batch is dropped); epoch ``e`` visits the dataset in the order
+    ``torch.randperm(len, generator=manual_seed(seed + 1_000_003 * e))`` when shuffling, in index
+    order otherwise. Starting at ``start_step`` therefore yields exactly the batches an
+    uninterrupted run sees from that step on: the data position of a resumed run.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool, start_step: int = 0) -> None:
+        if size < batch_size:
+            raise ValueError(f"the training set has {size} prompts, fewer than one batch of {batch_size}")
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.start_step = start_step
+        self.steps_per_epoch = size // batch_size
+
+    def _order(self, epoch: int) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + 1_000_003 * epoch))
+
+    def __iter__(self):
+        step, epoch, order = self.start_step, -1, None
+        while True:
+            step_epoch, position = divmod(step, self.steps_per_epoch)
+            if step_epoch != epoch:
+                epoch, order = step_epoch, self._order(step_epoch)
+            first = position * self.batch_size
+            indices = range(first, first + self.batch_size)
+            yield list(indices) if order is None else order[first : first + self.batch_size].tolist()
+            step += 1
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -37,6 +71,8 @@ class PromptDataModule(L.LightningDataModule):
         self.prompts_per_step, self.max_prompt_length = prompts_per_step, max_prompt_length
         self.seed, self.shuffle, self.use_chat_template = seed, shuffle, use_chat_template
         self.dropped_prompts = 0
+        self.start_step = 0
+        """RL step whose batch the loader yields first (a resumed run sets it before ``train_dataloader``)."""
 
     def _collate(self, records) -> PromptBatch:
         kept, prompt_ids, dropped = encode_prompts(
@@ -55,10 +91,7 @@ class PromptDataModule(L.LightningDataModule):
         return batch  # token ids are padded and moved to the device by the rollout engine
 
     def train_dataloader(self) -> DataLoader:
-        if self.shuffle:
-            sampler = RandomSampler(self.train, generator=torch.Generator().manual_seed(self.seed))
-        else:
-            sampler = SequentialSampler(self.train)
-        return DataLoader(
-            self.train, batch_size=self.prompts_per_step, sampler=sampler, collate_fn=self._collate, drop_last=True
-        )
+        sampler = StepBatchSampler(len(self.train), self.prompts_per_step, self.seed, self.shuffle, self.start_step)
+        # Own generator: the loader's base seed must not draw from torch's global one, which the
+        # rollouts sample from (a resumed run builds its iterator at a different point of that stream).
+        return DataLoader(self.train, batch_sampler=sampler, collate_fn=self._collate, generator=torch.Generator())

@@ -1,0 +1,168 @@
+"""Checkpoints that a killed run can resume from exactly.
+
+What a checkpoint must hold, beyond Lightning's own (weights, optimiser, scheduler, loop counters,
+callbacks' ``state_dict``): every random generator the run draws from (Python, NumPy, torch CPU and
+CUDA; the rollout engines sample from torch's global generator), the RL step counter, the
+interventions' states (Clip-Cov's generator, controllers), and the MLflow run to continue. The
+module and the callbacks store their part in ``on_save_checkpoint``/``state_dict``; this file owns
+the pieces shared between them: RNG capture, atomic writing, and turning ``resume=`` into the saved
+run's own config.
+
+Everything stored here is a tensor or a plain Python value, so a checkpoint also loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+# ---------------------------------------------------------------------- random generators
+def collect_rng_states() -> dict[str, Any]:
+    """The state of every global generator, as tensors and plain values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`collect_rng_states`."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------- atomic writing
+def save_atomically(trainer, path: str | Path) -> Path:
+    """``trainer.save_checkpoint`` to a temporary file in the same folder, flushed to disk, then
+    renamed over ``path``: a kill at any moment leaves either the old or the new checkpoint whole.
+
+    Call it on every rank (Lightning gathers the state collectively); only rank 0 writes.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(temporary, weights_only=False)
+    if trainer.is_global_zero:
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:  # make the rename itself durable
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    trainer.strategy.barrier("steer_checkpoint")
+    return path
+
+
+# ---------------------------------------------------------------------- resume=
+def resolve_resume(target: str | Path) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` of ``resume=<run folder or .ckpt file>``.
+
+    A folder means its ``checkpoints/last.ckpt``; a file's run folder is the nearest folder above it
+    holding Hydra's ``.hydra/`` record.
+    """
+    from steer.config import ConfigError
+
+    target = Path(target).expanduser().resolve()
+    if target.is_dir():
+        folder, checkpoint = target, target / CHECKPOINT_DIR / LAST
+    elif target.is_file():
+        checkpoint = target
+        folder = next((parent for parent in target.parents if (parent / ".hydra").is_dir()), target.parent)
+    else:
+        raise ConfigError(f"resume={target}: no such run folder or checkpoint file")
+    if not checkpoint.is_file():
+        raise ConfigError(f"resume={target}: no checkpoint at {checkpoint} (the run saved none yet? "
+                          "see callbacks.checkpoint.every_n_steps)")
+    return folder, checkpoint
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resume_arguments(arguments: list[str]) -> list[str]:
+    """Rewrite the command line ``[..., resume=X, ...]`` into the saved run's own overrides, its run
+    folder, and the checkpoint; overrides given next to ``resume=`` replace the saved ones of the
+    same key (they are logged, since they can make the resumed run differ from an uninterrupted one).
+    A command line without ``resume=`` (or with ``resume=null``) is returned unchanged."""
+    resume = [a for a in arguments if _key(a) == "resume"]
+    if not resume or resume[-1].split("=", 1)[1] in ("", "null", "None"):
+        return arguments
+    from steer.config import ConfigError
+
+    folder, checkpoint = resolve_resume(resume[-1].split("=", 1)[1])
+    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in arguments):
+        raise ConfigError("resume= continues one run in its own folder: drop -m/--multirun and hydra.run.dir")
+    saved_file = folder / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"resume: {saved_file} not found; a run started by src/run.py has it "
+                          "(for a checkpoint alone, pass ckpt_path to Trainer.fit yourself)")
+    saved = [o for o in yaml.safe_load(saved_file.read_text()) or [] if _key(o) != "resume"]
+    flags = [a for a in arguments if a.startswith("-")]
+    extra = [a for a in arguments if not a.startswith("-") and _key(a) != "resume"]
+    replaced = {_key(o) for o in extra}
+    kept = [o for o in saved if _key(o) not in replaced]
+    changed = [o for o in extra if o not in saved]
+    if changed:
+        log.warning("resume: overrides %s change the saved run's config; the continuation is exact only "
+                    "for knobs that do not affect training (e.g. a larger algorithm.steps)", changed)
+    return [*flags, *kept, *extra, f"hydra.run.dir={folder}", f"resume={checkpoint}"]
+
+
+def read_resume_info(checkpoint: str | Path) -> dict[str, Any]:
+    """The small part of a checkpoint that the composition needs before Lightning restores it
+    (the MLflow run to continue); the file is memory-mapped, so its tensors are not read."""
+    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    return {"rl_step": state.get("rl_step", 0), "mlflow": state.get("mlflow_run")}
+
+
+def skip_logged_steps(logger, first_step: int) -> None:
+    """Make a resumed MLflow logger drop ``(metric, step)`` pairs the store already holds from
+    ``first_step`` on: a killed process may have logged steps after its last checkpoint, which the
+    resumed run computes again (with deterministic settings, to the same values). Each step is then
+    stored once."""
+    client, run_id = logger.experiment, logger.run_id
+    logged: set[tuple[str, int]] = set()
+    for key in client.get_run(run_id).data.metrics:
+        logged.update((key, m.step) for m in client.get_metric_history(run_id, key) if m.step >= first_step)
+    if not logged:
+        return
+    log.info("resume: %d metric values of steps >= %d are already in the MLflow run; not logging them again",
+             len(logged), first_step)
+    log_metrics = logger.log_metrics
+
+    def log_new_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+        fresh = {k: v for k, v in metrics.items() if (k, step) not in logged}
+        if fresh:
+            log_metrics(fresh, step)
+
+    logger.log_metrics = log_new_metrics
