@@ -58,7 +58,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- atomic writing
-def save_atomically(trainer, path: str | Path) -> Path:
+def save_atomically(trainer, path: str | Path, weights_only: bool = False) -> Path:
     """``trainer.save_checkpoint`` to a temporary file in the same folder, flushed to disk, then
     renamed over ``path``: a kill at any moment leaves either the old or the new checkpoint whole.
 
@@ -68,7 +68,7 @@ def save_atomically(trainer, path: str | Path) -> Path:
     temporary = path.with_name(f".{path.name}.tmp")
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(temporary, weights_only=False)
+    trainer.save_checkpoint(temporary, weights_only=weights_only)
     if trainer.is_global_zero:
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())

@@ -31,13 +31,19 @@ class PeriodicCheckpoint(Checkpoint):
     Args:
         dirpath: folder of the checkpoint (the run folder's ``checkpoints/``).
         every_n_steps: RL steps between checkpoints (0: only at the end).
+        keep_every_n_steps: also keep the weights of every this many RL steps as
+            ``dirpath/step_<rl_step>.ckpt`` (weights only, never overwritten), e.g. to pick the
+            best-evaluated step afterwards; 0 keeps none.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 50) -> None:
+    def __init__(self, dirpath: str, every_n_steps: int = 50, keep_every_n_steps: int = 0) -> None:
         if every_n_steps < 0:
             raise ValueError(f"callbacks.checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
+        if keep_every_n_steps < 0:
+            raise ValueError(f"callbacks.checkpoint.keep_every_n_steps must be >= 0, got {keep_every_n_steps}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self.keep_every_n_steps = keep_every_n_steps
         self._saved_at_step = -1
 
     @property
@@ -57,6 +63,8 @@ class PeriodicCheckpoint(Checkpoint):
         self._saved_at_step = state["saved_at_step"]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if self.keep_every_n_steps and module.rl_step % self.keep_every_n_steps == 0:
+            save_atomically(trainer, self.dirpath / f"step_{module.rl_step}.ckpt", weights_only=True)
         if self.every_n_steps and module.rl_step % self.every_n_steps == 0 and module.rl_step != self._saved_at_step:
             self.save(trainer, module)
         if os.environ.get(KILL_AT_STEP) == str(module.rl_step):
