@@ -1,4 +1,5 @@
-"""Entry point: ``python src/run.py [overrides]`` (see README). Composition lives in steer.app."""
+"""Entry point: ``python src/run.py [overrides]`` (see README). Composition lives in steer.app;
+start-up errors are one line on stderr, exit status 2, and leave no run folder (steer.cli)."""
 
 import sys
 from pathlib import Path
@@ -9,13 +10,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from steer.app import run  # noqa: E402  (also registers the config resolvers)
+from steer.cli import fail_early, run_task  # noqa: E402  (light: torch is imported by the task)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_task(cfg)
 
 
 if __name__ == "__main__":
+    fail_early(sys.argv[1:], str(CONFIG_DIR))  # bad overrides or run folder: exit before Hydra creates anything
+    import steer.app  # noqa: F401  registers the config resolvers before Hydra composes
+
     main()
