@@ -92,6 +92,9 @@ CASES = {
                         r"eval\.benchmarks\.arithmetic\.records reads the arithmetic task.*eval=math_small"),
     "warmup_needs_task": (["data=gsm8k"], r"tiny model's warm-up .*needs the arithmetic task.*data=arithmetic"),
     "reward_mode": (["reward.mode=exact"], r"reward: unknown math reward mode 'exact'; valid modes: math_verify"),
+    "eval_reward_mode": (["eval=math_small", "eval.math_reward.mode=exact"],
+                         r"eval\.benchmarks\.math500\.reward: unknown math reward mode 'exact'"),
+    "cache_dir": (["model.cache_dir=/proc/version/cache"], r"model\.cache_dir='/proc/version/cache': cannot create a folder there"),
     "mode": (["mode=fit"], r"mode='fit' is not valid; choose one of \['eval', 'train'\]"),
     "missing_data_file": (["data=gsm8k", "model=hf", "model.path=some/model", "data.train.source=/no/such/file.parquet"],
                           r"data\.train\.source='/no/such/file\.parquet': dataset file not found.*allowed: a parquet file"),
@@ -261,9 +264,14 @@ def _one_line_error(result) -> str:
     return errors[0]
 
 
-def test_cli_override_of_a_misplaced_knob_points_to_the_right_one(tmp_path):
-    result = _run_cli(["rollout.n=1"], tmp_path, timeout=120)
-    assert "algorithm.n" in _one_line_error(result)
+@pytest.mark.parametrize("argv, expected", [
+    (["rollout.n=1"], "did you mean algorithm.n?"),
+    (["intervention=stear"], "allowed: clip_cov"),
+    (["hydra.run.dir=/proc/version/run"], "/proc/version is a file, not a folder"),
+])
+def test_cli_command_line_problems_are_one_line_before_hydra_runs(argv, expected, tmp_path):
+    result = _run_cli(argv, tmp_path, timeout=120)
+    assert expected in _one_line_error(result)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -76,15 +76,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return train(cfg)
 
 
-def build_reward(cfg: DictConfig):
-    """The training reward; a constructor's refusal (e.g. an unknown ``reward.mode``) is a ConfigError."""
-    try:
-        return instantiate(cfg.reward)
-    except Exception as error:  # surface the reward's own ValueError, not Hydra's wrapper
-        cause = error.__cause__ or error
-        raise ConfigError(f"reward: {cause}") from None
-
-
 def load_train_prompts(cfg: DictConfig):
     """The training prompts (``data.train``), after the start-up checks of their files."""
     check_data(cfg)
@@ -106,7 +97,7 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    reward = build_reward(cfg)
+    reward = instantiate(cfg.reward)  # its arguments were checked by check_config
     task = instantiate(cfg.data.task) if cfg.data.get("task") else None
     prompts_checked = False
     if prompts is not None:

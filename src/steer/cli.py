@@ -157,11 +157,13 @@ def remove_unused_run_folder() -> None:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     cwd = Path.cwd().absolute()
+    top = run_dir
     sweep_dir = Path(hydra.sweep.dir).absolute() if hydra.mode is not None and hydra.mode.name == "MULTIRUN" else None
     if sweep_dir is not None and sweep_dir != cwd and sweep_dir.is_dir():
         if [child.name for child in sweep_dir.iterdir()] == ["multirun.yaml"]:
             shutil.rmtree(sweep_dir, ignore_errors=True)
-    parent = run_dir.parent
+            top = sweep_dir
+    parent = top.parent
     while parent != cwd and cwd in parent.parents and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent

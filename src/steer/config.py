@@ -231,6 +231,9 @@ def check_model(cfg: DictConfig) -> None:
 
     if dtype == "bfloat16" and _wants_gpu(cfg) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; allowed here: float32, float16")
+    cache_dir = _get(cfg, "model.cache_dir")
+    if cache_dir:
+        _writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there
     path = _get(cfg, "model.path")
     gguf_file = _get(cfg, "model.gguf_file")
     if path:
@@ -435,8 +438,27 @@ def check_checkpoint(cfg: DictConfig) -> None:
                           "training run (e.g. outputs/<run>/checkpoints/last.ckpt), or null for model.path's weights")
 
 
+def check_rewards(cfg: DictConfig) -> None:
+    """``reward`` and each ``eval.benchmarks.<name>.reward``: their constructors' own argument checks
+    (``reward.mode``, timeouts), run by building the objects and dropping them (rewards start
+    their worker processes lazily, on the first call)."""
+    from hydra.utils import instantiate
+
+    specs = {"reward": _get(cfg, "reward")}
+    for name in (_get(cfg, "eval.benchmarks") or {}):
+        specs[f"eval.benchmarks.{name}.reward"] = _get(cfg, f"eval.benchmarks.{name}.reward")
+    for knob, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            instantiate(spec)
+        except Exception as error:  # the reward's own ValueError, not Hydra's wrapper
+            cause = error.__cause__ or error
+            raise ConfigError(f"{knob}: {cause}") from None
+
+
 STARTUP_CHECKS: list[Callable[[DictConfig], None]] = [
-    check_run, check_model, check_data, check_eval, check_checkpoint, check_output, check_logger,
+    check_run, check_model, check_data, check_eval, check_rewards, check_checkpoint, check_output, check_logger,
 ]
 """Section checks :func:`check_config` runs, in order (cheap ones first; the tracking probe last)."""
 
