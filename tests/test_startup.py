@@ -296,8 +296,11 @@ def test_good_command_lines_and_hydra_flags_pass_the_early_check():
 
 
 def _run_cli(args, cwd, timeout=300):
+    import os
+
     command = [sys.executable, str(REPO / "src" / "run.py"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}  # it asks for tracebacks
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _one_line_error(result) -> str:

@@ -17,6 +17,7 @@ reports composition errors itself there; start-up errors are still one line and 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shutil
 import sys
@@ -136,6 +137,8 @@ def run_task(cfg) -> dict[str, float]:
         return run(cfg)
     except ConfigError as error:
         remove_unused_run_folder()
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # a developer asking for the whole traceback, as Hydra's own errors allow
         sys.stderr.write(f"error: {error}\n")
         sys.exit(EXIT_CONFIG_ERROR)
 
