@@ -131,6 +131,17 @@ def test_bad_data_file_fails_before_any_model_or_run(make, message, tmp_path, no
         train(cfg)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+rollout.n=1", r"^rollout\.n: Key 'n' not in 'RolloutConfig'; did you mean algorithm\.n\? \(allowed keys of rollout: engine, temperature"),
+    ("+algorithm.clip.lower=0.1", r"^algorithm\.clip\.lower: .*; did you mean algorithm\.clip\.low or .*\(allowed keys of algorithm\.clip: low, high, dual\)$"),
+    ("algorithm.n=eight", r"^algorithm\.n: Value 'eight' of type 'str' could not be converted to Integer$"),
+])
+def test_a_key_added_with_plus_or_a_wrong_type_is_one_line_with_a_suggestion(override, message, tmp_path):
+    cfg = compose([override], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
 def test_a_missing_gguf_file_is_named_with_the_files_found(tmp_path, nothing_built):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "other.gguf").write_bytes(b"")

@@ -119,7 +119,8 @@ def suggest_knobs(key: str, knobs: list[str], limit: int = 3) -> list[str]:
     same_leaf.sort(key=lambda knob: (knob.count("."), knob))  # the shallowest first: algorithm.n before eval.x.y.n
     if same_leaf:
         return same_leaf[:limit]
-    return difflib.get_close_matches(key, knobs, n=limit, cutoff=0.8)
+    candidates = [knob for knob in knobs if not key.startswith(knob + ".")]  # not the key's own sections
+    return difflib.get_close_matches(key, candidates, n=limit, cutoff=0.8)
 
 
 def section_knobs(key: str, knobs: list[str]) -> list[str]:

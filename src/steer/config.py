@@ -19,7 +19,7 @@ import math
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, get_type_hints
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
@@ -110,8 +110,22 @@ def _check_section(cfg: DictConfig, key: str, schema: type) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg[key]))
     except OmegaConfBaseException as error:
-        allowed = ", ".join(f.name for f in fields(schema))
-        raise ConfigError(f"config section '{key}': {error.msg} (allowed keys: {allowed})") from None
+        from steer.cli import config_knobs, suggest_knobs
+
+        bad = f"{key}.{error.full_key}" if getattr(error, "full_key", None) else key
+        section, section_schema = bad.rsplit(".", 1)[0], schema
+        for part in bad.split(".")[1:-1]:  # the nested schema the key was meant for (algorithm.clip -> ClipSchema)
+            section_schema = get_type_hints(section_schema).get(part, section_schema)
+        if not hasattr(section_schema, "__dataclass_fields__"):
+            section, section_schema = key, schema
+        allowed = ", ".join(f.name for f in fields(section_schema))
+        message = str(getattr(error, "msg", error)).splitlines()[0]
+        if "not in" not in message:  # a wrong type: the message says which
+            raise ConfigError(f"{bad}: {message}") from None
+        knobs = [knob for knob in config_knobs(cfg) if knob != bad and not knob.startswith(bad + ".")]
+        guesses = suggest_knobs(bad, knobs)
+        hint = f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+        raise ConfigError(f"{bad}: {message}{hint} (allowed keys of {section}: {allowed})") from None
 
 
 def _one_of(name: str, value: Any, allowed) -> None:
