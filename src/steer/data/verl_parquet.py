@@ -59,7 +59,7 @@ def load_verl_parquet(
         FileNotFoundError: a local source that matches no file.
         ValueError: a file lacking ``prompt`` / ``reward_model`` / ``reward_model.ground_truth``.
     """
-    paths = _local_parquet_files(str(source))
+    paths = local_parquet_files(str(source))
     sources: list[tuple[str, str, Iterable[dict[str, Any]]]]  # (origin for messages, default data_source, rows)
     if paths is not None:
         sources = [(str(path), path.stem, _read_parquet_rows(path)) for path in paths]
@@ -82,7 +82,7 @@ def load_verl_parquet(
     return records
 
 
-def _local_parquet_files(source: str) -> list[Path] | None:
+def local_parquet_files(source: str) -> list[Path] | None:
     """Files a local source names, or None if ``source`` looks like a Hugging Face dataset id."""
     path = Path(source).expanduser()
     if path.is_file():

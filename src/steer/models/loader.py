@@ -106,6 +106,19 @@ def load_pretrained(path: str, dtype: str = "float32", gguf_file: str | None = N
     return tokenizer, policy
 
 
+def load_policy_tokenizer(path: str | None, gguf_file: str | None = None):
+    """The tokenizer :func:`load_policy` returns, without loading any weights (start-up checks
+    encode the training prompts with it before the model is built)."""
+    if not path:
+        from steer.models.tiny import build_char_tokenizer
+
+        return build_char_tokenizer()
+    tokenizer = load_tokenizer(resolve_model_path(path), **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_policy(
     path: str | None,
     dtype: str,
