@@ -142,7 +142,7 @@ try:
     keep = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in cfg["visible"] + [cfg["workdir"]]}
     covers = [path for path in cfg["hidden"] if os.path.isdir(path) and not os.path.islink(path)]
     for path in covers:
-        mode = "1777" if path in cfg["world_writable"] else "755"
+        mode = "1777" if path in cfg["world_writable"] else "555"  # 555: not even for root-of-namespace
         mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"{cfg['cover_size']},mode={mode}")
     # everything else read-only (a bind remount must repeat the flags a user namespace locked)
     with open("/proc/self/mountinfo") as file:
@@ -176,6 +176,7 @@ if pid == 0:
         os.close(read_end)
         os.set_inheritable(write_end, False)
         os.close(cfg["status_fd"])
+        os.setsid()  # its own process group: a killpg(0) must not reach unshare outside
         for name, value in cfg["rlimits"].items():
             resource.setrlimit(getattr(resource, name), (value, value))
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
@@ -524,31 +525,40 @@ def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
 def _kill_all(process: subprocess.Popen, level: Isolation, uid: int | None, token: str) -> None:
     """Kill every process of the run and reap ``process``; returns once none is left.
 
-    Namespaces: SIGKILL to the supervisor (PID 1 of the namespace) makes the kernel kill the whole
-    namespace before the supervisor's exit is reported, so once ``unshare`` (its parent, our
-    child) has been reaped nothing of the run is left. Process group: kill the group, then sweep
-    ``/proc`` for the run's uid (root) or marker until nothing matches.
+    Namespaces: SIGKILL to the supervisor (PID 1 of the namespace) makes the kernel kill and reap
+    the whole namespace before the supervisor's exit is reported to ``unshare`` (our child), which
+    then exits by itself: once it is reaped, nothing of the run is left. Without namespaces (or if
+    ``unshare`` had not started the supervisor yet) we kill the process group, then sweep
+    ``/proc`` for the run's uid (when it has its own) or marker variable until nothing matches.
     """
-    if level != "process-group" and process.poll() is None:
-        for pid in _processes(lambda info: info["ppid"] == process.pid):
+    sweep = level == "process-group"
+    if process.poll() is None and level != "process-group":
+        supervisors = _processes(lambda info: info["ppid"] == process.pid)
+        for pid in supervisors:
             _signal(pid)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        try:
+            process.wait(timeout=10.0 if supervisors else 0.0)
+        except subprocess.TimeoutExpired:
+            sweep = True
+    if process.poll() is None or sweep:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     process.wait()
-    if level == "process-group":
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            if uid is not None:
-                left = _processes(lambda info: info["uid"] == uid)
-            else:
-                left = _processes(lambda info: info["sid"] == process.pid or _has_marker(info["pid"], token))
-            if not left:
-                break
-            for pid in left:
-                _signal(pid)
-            time.sleep(0.01)
+    if not sweep:
+        return
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if uid is not None:
+            left = _processes(lambda info: info["uid"] == uid)
+        else:
+            left = _processes(lambda info: info["sid"] == process.pid or _has_marker(info["pid"], token))
+        if not left:
+            break
+        for pid in left:
+            _signal(pid)
+        time.sleep(0.01)
 
 
 def _signal(pid: int) -> None:
