@@ -53,9 +53,9 @@ def test_timeout_kills_the_loop_and_its_forked_children():
         """
     )
     started = time.monotonic()
-    result = run_python(code, timeout_s=1.0)
+    result = run_python(code, timeout_s=2.0, site_packages=False)
     assert result.status == "timeout"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 6
     assert "beat" in result.stdout, "the grandchild never ran"
     assert sandbox.processes_of_runs() == [], "a process of the run outlived it"
 
