@@ -267,3 +267,54 @@ def test_ground_truth_answers_score_correct_on_a_sample(name: str) -> None:
 @pytest.mark.parametrize("name", BENCHMARK_FILES)
 def test_ground_truth_answers_score_correct_on_every_row(name: str) -> None:
     _assert_ground_truths_score_correct(_ground_truth_rows(name, limit=None), self_check=None)
+
+
+# --- regressions: exact integers, the decimal rule, display delimiters in ground truths ---------
+
+
+@pytest.mark.parametrize("mode", ["math_verify", "either", "dapo_strict"])
+def test_a_large_wrong_integer_is_wrong(mode: str) -> None:
+    """``\\boxed{4064257}`` was scored correct for 4064256: plain numbers were compared with a
+    relative tolerance of 1e-6 before math-verify."""
+    responses = ["\\boxed{4064257}", "\\boxed{4064256}", "\\boxed{4,064,256}", "\\boxed{4064256.0}", "\\boxed{4064255}"]
+    output = MathReward(mode=mode, num_workers=0)(responses, ["4064256"] * len(responses))
+    assert output.correct == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "expected"),
+    [
+        ("4064257", "4064256", False),
+        ("123456789012345678901", "123456789012345678902", False),
+        ("1" + "0" * 300, "1" + "0" * 299 + "1", False),
+        ("4064256.0", "4064256", True),  # integers compare by value ...
+        ("4.064256e6", "4,064,256", True),
+        ("3.0000001", "3", False),  # ... and exactly, even against a near-integer decimal
+        ("4064257.5", "4064256.5", False),  # decimals: within half a unit of the coarser last digit
+        ("3.14159", "3.14159265", True),
+        ("0.3333333", "0.33333333", True),
+        ("0.333", "0.33333333", False),  # within half a unit of 0.333 but not within 1e-6 relative
+        ("3.9e-10", "3.89e-10", False),
+        ("1.325e-27", "2.88e-19", False),
+        ("1e999999999", "1e999999998", False),  # beyond float range: still exact, no overflow
+    ],
+)
+def test_numbers_equal_rule(answer: str, reference: str, expected: bool) -> None:
+    assert math_reward.numbers_equal(answer, reference) is expected
+    assert math_reward.numbers_equal(reference, answer) is expected  # symmetric
+
+
+@pytest.mark.parametrize(
+    "reference", ["\\[ 5+\\sqrt{3} \\]", "\\( 5+\\sqrt{3} \\)", "$5+\\sqrt{3}$", "$$ 5+\\sqrt{3} $$", "5+\\sqrt{3}"]
+)
+@pytest.mark.parametrize("mode", ["math_verify", "either", "dapo_strict"])
+def test_ground_truths_in_display_delimiters_are_normalised_like_responses(reference: str, mode: str) -> None:
+    responses = ["\\boxed{5+\\sqrt{3}}", "Answer: $5 + \\sqrt{3}$", "\\boxed{5-\\sqrt{3}}"]
+    output = MathReward(mode=mode, num_workers=0)(responses, [reference] * 3)
+    assert output.correct == [True, True, False]
+    assert normalize_answer(reference) == normalize_answer("5+\\sqrt{3}")
+
+
+def test_display_delimited_numbers_compare_as_numbers() -> None:
+    assert math_reward.numbers_equal("\\[ 4064256 \\]", "4064256") is True
+    assert math_reward.numbers_equal("4064257", "$4064256$") is False

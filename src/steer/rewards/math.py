@@ -18,9 +18,9 @@ where a signal cannot reach (C code) or that crashed. A bad sample never hangs o
 
 from __future__ import annotations
 
+import decimal
 import functools
 import logging
-import math
 import multiprocessing
 import re
 import signal
@@ -50,44 +50,48 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_LINE_RE = re.compile(r"\banswer\s*:[ \t]*(.*)", re.IGNORECASE)
 
 
-def _braced_content(text: str, open_index: int) -> str | None:
-    """Content of the brace group opening at ``text[open_index] == "{"``; None if unbalanced.
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+_SPACES_RE = re.compile(r"\s*")
+_TOKEN_RE = re.compile(r"[^\s$]+")
 
-    Escaped braces (``\\{``, ``\\}``) are content, not delimiters.
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """``{open index: close index}`` of every balanced brace pair, in one linear pass.
+
+    Escaped braces (``\\{``, ``\\}``) are content, not delimiters. One pass for the whole text keeps
+    extraction linear on hostile input (thousands of unclosed ``\\boxed{``), where scanning from
+    each box to the end would be quadratic.
     """
-    depth = 0
-    i = open_index
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
+    stack: list[int] = []
+    pairs: dict[int, int] = {}
+    for token in _BRACE_TOKEN_RE.finditer(text):
+        char = token.group()
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1 : i]
-        i += 1
-    return None
+            stack.append(token.start())
+        elif char == "}" and stack:
+            pairs[stack.pop()] = token.start()
+    return pairs
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed 5`` in ``text``.
 
     An unterminated box (a response truncated mid-answer) or an empty one is skipped in favour of an
-    earlier one.
+    earlier one. Linear time in ``len(text)``.
     """
+    pairs: dict[int, int] | None = None
     for match in reversed(list(_BOX_RE.finditer(text))):
         rest = match.end()
-        stripped = text[rest:].lstrip()
-        if stripped.startswith("{"):
-            content = _braced_content(text, len(text) - len(stripped))
+        start = _SPACES_RE.match(text, rest).end()
+        content = None
+        if start < len(text) and text[start] == "{":
+            if pairs is None:
+                pairs = _matching_braces(text)
+            close = pairs.get(start)
+            content = None if close is None else text[start + 1 : close]
         elif rest < len(text) and text[rest] in " \t":  # "\boxed 5": one token
-            token = re.match(r"[^\s$]+", stripped)
+            token = _TOKEN_RE.match(text, start)
             content = token.group(0) if token else None
-        else:
-            content = None
         if content is not None and content.strip():
             return content.strip()
     return None
@@ -145,15 +149,21 @@ _UNITS = (
 _TRAILING_UNIT_RE = re.compile(
     r"(?<=[\d.])\s*(?:" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r")(?:\^\{?\d\}?)?$"
 )
+MAX_TEXT_NESTING = 8
+"""Levels of nested ``\\text{}``-like wrappers removed (more is hostile input, not an answer)."""
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SIMPLE_LHS_RE = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?=(?!=)")
 
 
 def _unwrap_outer_braces(text: str) -> str:
-    """``{{3}}`` -> ``3``: drop brace pairs that enclose the whole string."""
-    while text.startswith("{") and _braced_content(text, 0) == text[1:-1]:
-        text = text[1:-1]
-    return text
+    """``{{3}}`` -> ``3``: drop brace pairs that enclose the whole string (linear time)."""
+    if not text.startswith("{"):
+        return text
+    pairs = _matching_braces(text)
+    depth, last = 0, len(text) - 1
+    while depth < last - depth and text[depth] == "{" and pairs.get(depth) == last - depth:
+        depth += 1
+    return text[depth : len(text) - depth]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -167,14 +177,16 @@ def normalize_answer(answer: str) -> str:
     Deliberately conservative: it never evaluates anything, so ``1/2`` and ``0.5`` stay different
     (that is math-verify's job).
     """
-    text = answer.strip()
+    text = _strip_math_delimiters(answer)  # ground truths may be written "\\[ 5+\\sqrt{3} \\]"
     boxed = extract_boxed(text) if text.startswith(("\\boxed", "\\fbox")) else None
     if boxed is not None:
         text = boxed
     text = text.replace("\\$", "").replace("$", "").replace("\n", " ")
     text = _SPACING_RE.sub("", text)
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
-    while (unwrapped := _TEXT_COMMANDS_RE.sub(r"\1", text)) != text:
+    for _ in range(MAX_TEXT_NESTING):  # \\text{\\textbf{x}}: one level per pass, bounded
+        if (unwrapped := _TEXT_COMMANDS_RE.sub(r"\1", text)) == text:
+            break
         text = unwrapped
     text = _DEGREES_RE.sub("", text)
     text = text.replace("\\%", "").replace("%", "")
@@ -212,7 +224,9 @@ def strict_match(response: str, reference: str) -> bool:
 _SCIENTIFIC_RE = re.compile(r"^(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)$")
 _PLAIN_NUMBER_RE = re.compile(r"(?=[-+]?\.?\d)[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
 NUMBER_REL_TOL = 1e-6
-"""Relative tolerance when both answers are plain numbers (about math-verify's 6 digits, but relative)."""
+"""Relative tolerance between two plain non-integer numbers (see :func:`numbers_equal`)."""
+MAX_NUMBER_CHARS = 400
+"""Longer "plain numbers" are compared as exact strings only (no Decimal arithmetic on huge input)."""
 
 
 class _QuietTimeoutWarning(logging.Filter):
@@ -238,7 +252,7 @@ def _math_verify_input(answer: str) -> str:
     Ground truths such as ``69$,$84`` carry inner dollar signs, and Minerva writes ``4.5e33``,
     which sympy would read as ``4.5 * E * 33``.
     """
-    answer = answer.replace("$", "").strip()
+    answer = _strip_math_delimiters(answer).replace("$", "").strip()
     scientific = _SCIENTIFIC_RE.match(answer)
     if scientific:
         answer = f"{scientific.group(1)}\\times10^{{{scientific.group(2)}}}"
@@ -263,25 +277,53 @@ def parse_expression(answer: str) -> tuple:
     return tuple(first)
 
 
-def _as_number(answer: str) -> float | None:
-    """The value of a plain decimal or scientific-notation number (``-1,200.5``, ``3.89e-10``), else None."""
-    text = answer.replace("$", "").strip()
-    if not _PLAIN_NUMBER_RE.fullmatch(text):
+def _as_number(answer: str) -> decimal.Decimal | None:
+    """The exact value of a plain decimal or scientific-notation number (``-1,200.5``,
+    ``3.89e-10``, also inside display delimiters), else None."""
+    text = _strip_math_delimiters(answer.replace("\\$", "")).replace("$", "").strip()
+    if len(text) > MAX_NUMBER_CHARS or not _PLAIN_NUMBER_RE.fullmatch(text):
         return None
-    return float(text.replace(",", ""))
+    try:
+        return decimal.Decimal(text.replace(",", ""))
+    except decimal.DecimalException:
+        return None
+
+
+def _is_integer(number: decimal.Decimal) -> bool:
+    return number == number.to_integral_value()
 
 
 def numbers_equal(answer: str, reference: str) -> bool | None:
-    """Compare two plain numbers with a relative tolerance; None unless both are plain numbers.
+    """Compare two plain numbers; None unless both are plain numbers.
 
-    Cheap (no sympy), so integer-answer datasets such as DAPO-Math-17k never need a worker, and
-    exact for tiny values: math-verify rounds to 6 decimals, which makes every pair of values below
-    1e-6 equal (Minerva's ``1.325e-27`` would match ``2.88e-19``).
+    The rule:
+
+    - **integers compare exactly**: if either value is an integer (``4064256``, ``4,064,256``,
+      ``4064256.0``, ``4.064256e6``) the two must be equal, so ``4064257`` is wrong for
+      ``4064256`` however large the numbers (a relative tolerance accepted it);
+    - two **non-integers** are equal when they differ by at most ``NUMBER_REL_TOL`` relative to the
+      larger *and* by at most half a unit in the last digit written in the less precise of the two:
+      ``0.3333333`` matches ``0.33333333`` and ``3.14159`` matches ``3.14159265``, but
+      ``4064257.5`` does not match ``4064256.5`` and ``3.9e-10`` does not match ``3.89e-10``.
+
+    Exact decimal arithmetic (no floats): cheap (no sympy), so integer-answer datasets such as
+    DAPO-Math-17k never need a worker, and exact for tiny values, where math-verify's rounding to 6
+    decimals would make every pair of values below 1e-6 equal (Minerva's ``1.325e-27`` vs ``2.88e-19``).
     """
     numbers = _as_number(answer), _as_number(reference)
-    if None in numbers:
+    if numbers[0] is None or numbers[1] is None:
         return None
-    return math.isclose(*numbers, rel_tol=NUMBER_REL_TOL)
+    a, b = numbers
+    try:
+        if a == b:
+            return True
+        if _is_integer(a) or _is_integer(b):
+            return False
+        difference = abs(a - b)
+        half_unit = max(decimal.Decimal(1).scaleb(n.as_tuple().exponent) for n in numbers) / 2
+        return difference <= half_unit and difference <= decimal.Decimal(NUMBER_REL_TOL) * max(abs(a), abs(b))
+    except (decimal.DecimalException, TypeError):  # e.g. an exponent beyond Decimal's range
+        return False
 
 
 def math_verify_equal(answer: str, reference: str) -> bool:
