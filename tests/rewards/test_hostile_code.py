@@ -2,8 +2,9 @@
 gets its exact score, the trainer and its other processes survive, and afterwards no process of
 the run, no temporary folder and no file it wrote outside its folder is left.
 
-The machine's own isolation level runs every program in the default suite; the weaker levels
-(forced) run the programs whose protections they provide, marked slow.
+The default suite runs every program at this machine's isolation level in one concurrent batch;
+the slow suite runs each program alone at every level that works here (weaker levels forced),
+limited to the programs whose protections that level provides.
 """
 
 from __future__ import annotations
@@ -64,14 +65,41 @@ def trainer_side(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _cases() -> list:
-    machine = sandbox.isolation_level()
-    cases = []
-    for level in sandbox.ISOLATION_LEVELS:
-        marks = [] if level == machine else [pytest.mark.slow]
-        for program in PROGRAMS:
-            if program.needs <= PROTECTIONS[level]:
-                cases.append(pytest.param(level, program, id=f"{level}-{program.name}", marks=marks))
-    return cases
+    return [
+        pytest.param(level, program, id=f"{level}-{program.name}")
+        for level in sandbox.ISOLATION_LEVELS
+        for program in PROGRAMS
+        if program.needs <= PROTECTIONS[level]
+    ]
+
+
+def _assert_nothing_left(trainer_side, sandbox_root: Path) -> None:
+    assert sandbox.processes_of_runs() == [], "a process of the run outlived it"
+    assert list(sandbox_root.iterdir()) == [], "the run's temporary folder is left"
+    assert trainer_side["bystander"].poll() is None, "a bystander process was killed"
+    assert sorted(p.name for p in trainer_side["outside"].iterdir()) == ["canary.txt"]
+    assert trainer_side["canary"].read_text() == "alive"
+    assert [p for p in STRAY_PATHS if p.exists()] == []
+    with pytest.raises(BlockingIOError):  # nobody connected to the trainer's socket
+        trainer_side["server"].accept()
+
+
+def test_every_hostile_program_at_once(trainer_side, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The whole suite as one batch, three samples at a time, at this machine's isolation level:
+    concurrent runs must not disturb each other either (each has its own namespaces and uid)."""
+    level = sandbox.isolation_level()
+    programs = [p for p in PROGRAMS if p.needs <= PROTECTIONS[level]]
+    sandbox_root = tmp_path / "sandbox-root"
+    sandbox_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(sandbox_root))
+    reward = hostile_reward()
+    reward.num_workers = 3
+
+    output = reward([render(p, trainer_side["values"]) for p in programs], [p.reference for p in programs])
+
+    assert dict(zip([p.name for p in programs], output.scores)) == {p.name: p.score for p in programs}
+    assert output.num_errors == 0
+    _assert_nothing_left(trainer_side, sandbox_root)
 
 
 def test_the_suite_is_large_enough() -> None:
@@ -81,6 +109,7 @@ def test_the_suite_is_large_enough() -> None:
     assert len({p.name for p in PROGRAMS}) == len(PROGRAMS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("level", "program"), _cases())
 def test_hostile_program(level: str, program: Hostile, trainer_side, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     if not sandbox.level_works(level):
@@ -94,14 +123,7 @@ def test_hostile_program(level: str, program: Hostile, trainer_side, tmp_path: P
 
     assert output.scores == [program.score], program.name
     assert output.num_errors == 0
-    assert sandbox.processes_of_runs() == [], "a process of the run outlived it"
-    assert list(sandbox_root.iterdir()) == [], "the run's temporary folder is left"
-    assert trainer_side["bystander"].poll() is None, "a bystander process was killed"
-    assert sorted(p.name for p in trainer_side["outside"].iterdir()) == ["canary.txt"]
-    assert trainer_side["canary"].read_text() == "alive"
-    assert [p for p in STRAY_PATHS if p.exists()] == []
-    with pytest.raises(BlockingIOError):  # nobody connected to the trainer's socket
-        trainer_side["server"].accept()
+    _assert_nothing_left(trainer_side, sandbox_root)
 
 
 def test_the_process_limit_is_enforced_for_the_sandbox_uid() -> None:
