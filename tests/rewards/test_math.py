@@ -318,3 +318,28 @@ def test_ground_truths_in_display_delimiters_are_normalised_like_responses(refer
 def test_display_delimited_numbers_compare_as_numbers() -> None:
     assert math_reward.numbers_equal("\\[ 4064256 \\]", "4064256") is True
     assert math_reward.numbers_equal("4064257", "$4064256$") is False
+
+
+def test_a_timeout_swallowed_by_a_finaliser_is_raised_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The garbage collector may run a ``__del__`` during the check just when the alarm fires;
+    Python prints and drops an exception raised there. The alarm repeats, so the check still stops."""
+    import gc
+
+    class SwallowsInDel:
+        def __del__(self):
+            time.sleep(0.5)  # the alarm fires in here and its CheckTimeout is dropped
+
+    def slow_check(answer: str, reference: str) -> bool:
+        cycle = SwallowsInDel()
+        cycle.self = cycle
+        del cycle
+        gc.collect()  # runs __del__ while the first alarm is due
+        time.sleep(30)
+        return True
+
+    monkeypatch.setattr(math_reward, "math_verify_equal", slow_check)
+    started = time.monotonic()
+    assert math_reward.checked_math_verify("x", "y", 0.2) == ("timeout", False)
+    assert time.monotonic() - started < 5
+    time.sleep(0.2)  # the repeating timer is off again: no stray alarm reaches us here
+    assert not math_reward._Alarm.active

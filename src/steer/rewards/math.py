@@ -33,6 +33,8 @@ from typing import Any, Sequence
 from steer.rewards.base import RewardOutput
 
 MODES = ("math_verify", "dapo_strict", "either")
+MAX_RESPONSE_CHARS = 100_000
+"""Answers are searched for in this many final characters of a response (~25k tokens)."""
 DAPO_TAIL_CHARS = 300
 """DAPO's reward only looks at the end of the response (verl ``math_dapo``: last 300 characters)."""
 KILL_GRACE_S = 1.0
@@ -125,7 +127,12 @@ def extract_answer_line(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a response: the last boxed answer, else the last ``Answer:`` line."""
+    """The final answer of a response: the last boxed answer, else the last ``Answer:`` line.
+
+    Only the last ``MAX_RESPONSE_CHARS`` characters are searched, which bounds the time a
+    megabyte of hostile text (e.g. 100,000 unclosed ``\\boxed{``) can take outside any timer.
+    """
+    text = text[-MAX_RESPONSE_CHARS:]
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -350,30 +357,60 @@ class CheckTimeout(BaseException):
     blocks cannot swallow it (math-verify's own timeout class is a BaseException for the same reason)."""
 
 
+ALARM_REPEAT_S = 0.05
+"""After the deadline the alarm repeats this often until the check has stopped: one CheckTimeout
+can be swallowed (raised inside a ``__del__`` or weakref callback that the garbage collector ran
+during the check, where Python only prints it), the next one is not."""
+
+
+class _Alarm:
+    """State of the one SIGALRM timer of this process (see :func:`run_with_timeout`)."""
+
+    active = False
+    timeout_s = 0.0
+    previous: tuple = (signal.SIG_DFL, 0.0, 0.0)  # the caller's handler, its timer's delay, our start
+
+
+def _on_alarm(signum, frame) -> None:
+    if _Alarm.active:
+        raise CheckTimeout(f"check exceeded {_Alarm.timeout_s} s")
+
+
+def _disarm() -> None:
+    """Stop our timer, put back the caller's handler and timer. Idempotent, and called again by
+    :func:`checked_math_verify` in case an alarm cut this very function short; the flag goes
+    first, so an alarm that still arrives meanwhile is a no-op."""
+    if not _Alarm.active:
+        return
+    _Alarm.active = False
+    previous_handler, previous_delay, started = _Alarm.previous
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous_handler)
+    if previous_delay > 0:
+        signal.setitimer(signal.ITIMER_REAL, max(previous_delay - (time.monotonic() - started), 1e-3))
+
+
 def run_with_timeout(check, timeout_s: float, *args) -> bool:
     """Run ``check(*args)`` under a SIGALRM interval timer of ``timeout_s`` seconds.
 
     Only possible in the main thread of a process; elsewhere the check runs without a limit (the
-    pool path adds a wall-clock kill on top). Raises :class:`CheckTimeout` when the timer fires.
-    A timer set by the caller (e.g. pytest-timeout) is restored afterwards.
+    pool path adds a wall-clock kill on top). Raises :class:`CheckTimeout` when the timer fires,
+    and again every ``ALARM_REPEAT_S`` until the check has stopped. A timer set by the caller
+    (e.g. pytest-timeout) is restored afterwards.
     """
     _math_verify()  # import outside the timer: an interrupted import would leave sympy half-loaded
-    if threading.current_thread() is not threading.main_thread() or timeout_s <= 0:
+    if threading.current_thread() is not threading.main_thread() or timeout_s <= 0 or _Alarm.active:
         return check(*args)
-
-    def on_alarm(signum, frame):
-        raise CheckTimeout(f"check exceeded {timeout_s} s")
-
-    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
-    previous_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    _Alarm.timeout_s = timeout_s
+    _Alarm.previous = (previous_handler, 0.0, time.monotonic())
+    _Alarm.active = True
+    previous_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout_s, ALARM_REPEAT_S)
+    _Alarm.previous = (previous_handler, previous_delay, _Alarm.previous[2])
     try:
         return check(*args)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous_handler)
-        if previous_delay > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(previous_delay - (time.monotonic() - started), 1e-3))
+        _disarm()
 
 
 def checked_math_verify(answer: str, reference: str, timeout_s: float) -> tuple[str, bool]:
@@ -381,6 +418,7 @@ def checked_math_verify(answer: str, reference: str, timeout_s: float) -> tuple[
     try:
         return "ok", bool(run_with_timeout(math_verify_equal, timeout_s, answer, reference))
     except CheckTimeout:
+        _disarm()
         return "timeout", False
     except Exception:  # noqa: BLE001 - a broken sample must never stop training
         return "error", False
