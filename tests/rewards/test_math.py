@@ -320,6 +320,7 @@ def test_display_delimited_numbers_compare_as_numbers() -> None:
     assert math_reward.numbers_equal("4064257", "$4064256$") is False
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one
 def test_a_timeout_swallowed_by_a_finaliser_is_raised_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """The garbage collector may run a ``__del__`` during the check just when the alarm fires;
     Python prints and drops an exception raised there. The alarm repeats, so the check still stops."""

@@ -448,12 +448,17 @@ def _worker_main(conn: Connection, timeout_s: float) -> None:
 class _Worker:
     """One spawned worker process and its pipe."""
 
-    def __init__(self, timeout_s: float, target=_worker_main) -> None:
+    def __init__(self, timeout_s: float, target=_worker_main, wait: bool = True) -> None:
         context = multiprocessing.get_context("spawn")  # safe with torch/CUDA/threads in the parent
         self.conn, child_conn = context.Pipe(duplex=True)
         self.process = context.Process(target=target, args=(child_conn, timeout_s), daemon=True)
         self.process.start()
         child_conn.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the worker has imported sympy and said so; RuntimeError if it never does."""
         try:
             if not self.conn.poll(WORKER_START_TIMEOUT_S):
                 raise TimeoutError(f"no answer within {WORKER_START_TIMEOUT_S} s")
@@ -585,6 +590,7 @@ class MathReward:
             raise
 
     def _dispatch(self, tasks: list[tuple[int, str, str]]) -> dict[int, tuple[str, bool]]:
+        self._start_workers(min(self.num_workers, len(tasks)))
         limit_s = self.timeout_s + KILL_GRACE_S
         batch_size = max(1, min(MAX_BATCH, len(tasks) // (4 * self.num_workers)))
         results: dict[int, tuple[str, bool]] = {}
@@ -626,6 +632,20 @@ class MathReward:
                 else:
                     del busy[slot]
         return results
+
+    def _start_workers(self, count: int) -> None:
+        """Start the first ``count`` slots' missing workers side by side, not one after the other:
+        each start imports sympy (seconds), which a step would otherwise pay ``count`` times."""
+        fresh = {}
+        for slot in range(count):
+            if self._workers[slot] is None:
+                fresh[slot] = self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target, wait=False)
+        for slot, worker in fresh.items():
+            try:
+                worker.wait_ready()
+            except RuntimeError:
+                self._workers[slot] = None
+                raise
 
     def _start_worker(self, slot: int) -> _Worker:
         self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target)
