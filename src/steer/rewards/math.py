@@ -9,6 +9,11 @@ Three modes (``MathReward(mode=...)``):
   match. Scores +1 / -1.
 - ``"either"`` — correct if either check accepts (the DAPO paper's evaluation). Scores 1 / 0.
 
+Plain numbers on both sides are compared here, exactly (:func:`numbers_equal`): integers must be
+equal (``4064257`` is wrong for ``4064256``); non-integers may differ by 1e-6 relative and by half
+a unit in the last written digit of the less precise one. Ground truths written in display
+delimiters (``\\[ 5+\\sqrt{3} \\]``, ``$...$``) are normalised like responses.
+
 Why a process pool: math-verify (sympy) can take unbounded time on hostile answers, and its own
 timeouts use ``signal.alarm``, which only works in the main thread. We switch its timeouts off and
 apply our own: an interval-timer alarm inside the process that runs the check (recoverable, cheap),

@@ -48,18 +48,30 @@ probes once per process, strongest first, and every run uses the first level tha
     counts against our own ``RLIMIT_NPROC``, which the kernel enforces for non-root users.
 
 ``"process-group"`` (no usable ``unshare``)
-    A plain child in its own session. If we are root the child still gets a fresh unprivileged
+    A plain child in its own session. If we are root and the interpreter is reachable by any uid
+    (not under a 0700 home such as ``/root/.pyenv``), the child still gets a fresh unprivileged
     uid (so ``RLIMIT_NPROC`` applies, the trainer cannot be signalled, root-only files cannot be
-    read) and at the end every process with that uid is killed, however it detached. As a
-    non-root user the child has our uid: at the end we kill its process group and every process
+    read) and at the end every process with that uid is killed, however it detached. Otherwise
+    the child has our uid: at the end we kill its process group and every process
     carrying the run's marker variable (``STEER_SANDBOX_TOKEN``) in its environment; a grandchild
     that clears its environment *and* leaves the session escapes, and the code can read our files
     and signal our processes. The network is cut only by replacing ``socket.socket`` before the
     code runs (``_socket`` or a child interpreter gets around it). This level is a guard against
     accidents, not a boundary.
 
-Per-process limits (``RLIMIT_AS``) do not bound the total memory of ``max_processes`` processes;
-a memory cgroup would (not used: cgroups are not writable on every machine we run on).
+What the code can read and write at the ``namespaces`` level, precisely: it reads what any
+unprivileged user may read outside the covered directories (``/usr``, ``/etc`` without
+``shadow``, ``/proc`` of its own namespace, ``/sys``) plus the Python installation; it writes
+only its working directory and the covers over ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run``
+(tmpfs, 16 MB each, gone with the namespace); everything else is a read-only mount. It cannot see
+the trainer's processes, environment, repository, data or home. Tested by
+``tests/rewards/test_hostile_code.py``.
+
+Known limits: per-process limits (``RLIMIT_AS``) do not bound the total memory of
+``max_processes`` processes, and the working directory is on disk, so many files each under the
+size cap can fill it within the time limit; a memory/IO cgroup would close both (not used:
+cgroups are not writable on every machine we run on). Starting the supervisor costs about 0.1 s
+per run on top of the interpreter's start-up.
 """
 
 from __future__ import annotations
