@@ -196,6 +196,8 @@ def _misbehaving_worker(conn, timeout_s: float) -> None:
                 time.sleep(3600)  # no alarm here: only the parent's deadline can stop this
             if answer == "crash":
                 os._exit(1)
+            if answer == "nap":
+                time.sleep(0.1)
             conn.send(("ok", True))
 
 
@@ -344,3 +346,34 @@ def test_a_timeout_swallowed_by_a_finaliser_is_raised_again(monkeypatch: pytest.
     assert time.monotonic() - started < 5
     time.sleep(0.2)  # the repeating timer is off again: no stray alarm reaches us here
     assert not math_reward._Alarm.active
+
+
+def _slow_to_restart_worker(conn, timeout_s: float) -> None:
+    """Like _misbehaving_worker, but every start after the first two takes 3 s (a replacement
+    importing sympy on a loaded machine). Starts are counted in a file named after the parent."""
+    with open(f"/tmp/steer-test-starts-{os.getppid()}", "a") as file:
+        file.write("start\n")
+    with open(f"/tmp/steer-test-starts-{os.getppid()}") as file:
+        if len(file.readlines()) > 2:
+            time.sleep(3)
+    _misbehaving_worker(conn, timeout_s)
+
+
+def test_a_replacement_worker_starts_in_the_background() -> None:
+    """While the replacement of a killed worker starts, the other worker serves the batch."""
+    counter = Path(f"/tmp/steer-test-starts-{os.getpid()}")
+    counter.unlink(missing_ok=True)
+    reward = MathReward(num_workers=2, timeout_s=0.3)
+    reward._worker_target = _slow_to_restart_worker
+    try:
+        reward(["\\boxed{a}", "\\boxed{b}"], ["1", "1"])  # both workers up
+        started = time.monotonic()
+        # slot 0 hangs (killed after 1.3 s) while slot 1 naps through about 13 tasks; 6 remain
+        output = reward(["\\boxed{hang}"] + ["\\boxed{nap}"] * 19, ["1"] * 20)
+        elapsed = time.monotonic() - started
+        assert output.correct == [False] + [True] * 19
+        assert output.num_timeouts == 1
+        assert elapsed < 3.5, f"{elapsed:.2f} s: the step waited for the replacement to start"
+    finally:
+        reward.close()
+        counter.unlink(missing_ok=True)

@@ -459,15 +459,26 @@ class _Worker:
         self.process = context.Process(target=target, args=(child_conn, timeout_s), daemon=True)
         self.process.start()
         child_conn.close()
+        self.ready = False
+        self.started = time.monotonic()
         if wait:
             self.wait_ready()
+
+    def poll_ready(self) -> bool:
+        """Whether the worker has said "ready" (without blocking); RuntimeError if it died or
+        took longer than ``WORKER_START_TIMEOUT_S``."""
+        if not self.ready:
+            if self.conn.poll() or time.monotonic() - self.started > WORKER_START_TIMEOUT_S:
+                self.wait_ready()
+        return self.ready
 
     def wait_ready(self) -> None:
         """Block until the worker has imported sympy and said so; RuntimeError if it never does."""
         try:
-            if not self.conn.poll(WORKER_START_TIMEOUT_S):
+            if not self.conn.poll(max(WORKER_START_TIMEOUT_S - (time.monotonic() - self.started), 0)):
                 raise TimeoutError(f"no answer within {WORKER_START_TIMEOUT_S} s")
             self.conn.recv()  # "ready"
+            self.ready = True
         except (EOFError, OSError) as error:  # OSError includes the TimeoutError above
             self.kill()
             raise RuntimeError(
@@ -605,6 +616,8 @@ class MathReward:
             for slot in range(self.num_workers):
                 if slot not in busy and pending:
                     worker = self._workers[slot] or self._start_worker(slot)
+                    if not worker.poll_ready():
+                        continue  # a replacement still importing sympy: the other slots go on
                     batch = deque(pending.popleft() for _ in range(min(batch_size, len(pending))))
                     try:
                         worker.conn.send([(answer, reference) for _, answer, reference in batch])
@@ -613,10 +626,12 @@ class MathReward:
                         self._replace_worker(slot)
                         continue
                     busy[slot] = (batch, time.monotonic() + limit_s)
+            starting = [w.conn for w in self._workers if w is not None and not w.ready] if pending else []
             if not busy:
+                wait(starting, timeout=1.0)
                 continue
             next_deadline = min(deadline for _, deadline in busy.values())
-            wait([self._workers[slot].conn for slot in busy], timeout=max(next_deadline - time.monotonic(), 0))
+            wait([self._workers[slot].conn for slot in busy] + starting, timeout=max(next_deadline - time.monotonic(), 0))
             for slot, (waiting, deadline) in list(busy.items()):
                 conn = self._workers[slot].conn
                 try:
@@ -653,12 +668,15 @@ class MathReward:
                 raise
 
     def _start_worker(self, slot: int) -> _Worker:
-        self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target)
+        """Start a worker in ``slot`` without waiting for it (see :meth:`_Worker.poll_ready`)."""
+        self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target, wait=False)
         return self._workers[slot]
 
     def _replace_worker(self, slot: int) -> None:
+        """Kill a stuck or dead worker and start its replacement at once, in the background: the
+        dispatch loop keeps serving the other slots while it imports sympy."""
         self._workers[slot].kill()
-        self._workers[slot] = None  # restarted lazily when the next task needs the slot
+        self._start_worker(slot)
 
     def _kill_all(self) -> None:
         for worker in self._workers:
