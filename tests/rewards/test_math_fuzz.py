@@ -1,7 +1,7 @@
 """Seeded fuzz of the math reward (tests/rewards/math_fuzz.py): no exception escapes extraction,
 normalisation or MathReward, every call returns within its budget, and the worker pool agrees
 with the in-process check. The 10,000-string run with throughput numbers is
-experiments/benchmarks/bench_math_fuzz.py; the slow test here runs it too."""
+experiments/benchmarks/bench_math_fuzz.py; the slow test here runs 10,000 strings in workers."""
 
 from __future__ import annotations
 
@@ -69,5 +69,19 @@ def test_fuzz_in_workers_agrees_with_in_process() -> None:
 
 
 @pytest.mark.slow
-def test_fuzz_ten_thousand_strings_in_process() -> None:
-    _fuzz_in_process(10_000, seed=0)
+def test_fuzz_ten_thousand_strings_in_workers() -> None:
+    """In workers every check is bounded by the parent's kill, even one stuck in C code where the
+    in-process alarm cannot reach (which a loaded machine can stretch to seconds in main-process
+    mode: see the benchmark's "over budget" line)."""
+    triples = fuzz_pairs(10_000, seed=0)
+    reward = MathReward(num_workers=2, timeout_s=TIMEOUT_S)
+    try:
+        reward(["\\boxed{1}"], ["1"])
+        for first in range(0, len(triples), 64):
+            chunk = triples[first : first + 64]
+            started = time.monotonic()
+            output = reward([r for _, r, _ in chunk], [g for _, _, g in chunk])
+            assert len(output.scores) == len(chunk)
+            assert time.monotonic() - started <= (TIMEOUT_S + math_reward.KILL_GRACE_S) * len(chunk) / 2 + 10
+    finally:
+        reward.close()
