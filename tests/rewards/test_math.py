@@ -196,6 +196,8 @@ def _misbehaving_worker(conn, timeout_s: float) -> None:
                 time.sleep(3600)  # no alarm here: only the parent's deadline can stop this
             if answer == "crash":
                 os._exit(1)
+            if answer == "nap":
+                time.sleep(0.1)
             conn.send(("ok", True))
 
 
@@ -267,3 +269,111 @@ def test_ground_truth_answers_score_correct_on_a_sample(name: str) -> None:
 @pytest.mark.parametrize("name", BENCHMARK_FILES)
 def test_ground_truth_answers_score_correct_on_every_row(name: str) -> None:
     _assert_ground_truths_score_correct(_ground_truth_rows(name, limit=None), self_check=None)
+
+
+# --- regressions: exact integers, the decimal rule, display delimiters in ground truths ---------
+
+
+@pytest.mark.parametrize("mode", ["math_verify", "either", "dapo_strict"])
+def test_a_large_wrong_integer_is_wrong(mode: str) -> None:
+    """``\\boxed{4064257}`` was scored correct for 4064256: plain numbers were compared with a
+    relative tolerance of 1e-6 before math-verify."""
+    responses = ["\\boxed{4064257}", "\\boxed{4064256}", "\\boxed{4,064,256}", "\\boxed{4064256.0}", "\\boxed{4064255}"]
+    output = MathReward(mode=mode, num_workers=0)(responses, ["4064256"] * len(responses))
+    assert output.correct == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "expected"),
+    [
+        ("4064257", "4064256", False),
+        ("123456789012345678901", "123456789012345678902", False),
+        ("1" + "0" * 300, "1" + "0" * 299 + "1", False),
+        ("4064256.0", "4064256", True),  # integers compare by value ...
+        ("4.064256e6", "4,064,256", True),
+        ("3.0000001", "3", False),  # ... and exactly, even against a near-integer decimal
+        ("4064257.5", "4064256.5", False),  # decimals: within half a unit of the coarser last digit
+        ("3.14159", "3.14159265", True),
+        ("0.3333333", "0.33333333", True),
+        ("0.333", "0.33333333", False),  # within half a unit of 0.333 but not within 1e-6 relative
+        ("3.9e-10", "3.89e-10", False),
+        ("1.325e-27", "2.88e-19", False),
+        ("1e999999999", "1e999999998", False),  # beyond float range: still exact, no overflow
+    ],
+)
+def test_numbers_equal_rule(answer: str, reference: str, expected: bool) -> None:
+    assert math_reward.numbers_equal(answer, reference) is expected
+    assert math_reward.numbers_equal(reference, answer) is expected  # symmetric
+
+
+@pytest.mark.parametrize(
+    "reference", ["\\[ 5+\\sqrt{3} \\]", "\\( 5+\\sqrt{3} \\)", "$5+\\sqrt{3}$", "$$ 5+\\sqrt{3} $$", "5+\\sqrt{3}"]
+)
+@pytest.mark.parametrize("mode", ["math_verify", "either", "dapo_strict"])
+def test_ground_truths_in_display_delimiters_are_normalised_like_responses(reference: str, mode: str) -> None:
+    responses = ["\\boxed{5+\\sqrt{3}}", "Answer: $5 + \\sqrt{3}$", "\\boxed{5-\\sqrt{3}}"]
+    output = MathReward(mode=mode, num_workers=0)(responses, [reference] * 3)
+    assert output.correct == [True, True, False]
+    assert normalize_answer(reference) == normalize_answer("5+\\sqrt{3}")
+
+
+def test_display_delimited_numbers_compare_as_numbers() -> None:
+    assert math_reward.numbers_equal("\\[ 4064256 \\]", "4064256") is True
+    assert math_reward.numbers_equal("4064257", "$4064256$") is False
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one
+def test_a_timeout_swallowed_by_a_finaliser_is_raised_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The garbage collector may run a ``__del__`` during the check just when the alarm fires;
+    Python prints and drops an exception raised there. The alarm repeats, so the check still stops."""
+    import gc
+
+    class SwallowsInDel:
+        def __del__(self):
+            time.sleep(0.5)  # the alarm fires in here and its CheckTimeout is dropped
+
+    def slow_check(answer: str, reference: str) -> bool:
+        cycle = SwallowsInDel()
+        cycle.self = cycle
+        del cycle
+        gc.collect()  # runs __del__ while the first alarm is due
+        time.sleep(30)
+        return True
+
+    monkeypatch.setattr(math_reward, "math_verify_equal", slow_check)
+    started = time.monotonic()
+    assert math_reward.checked_math_verify("x", "y", 0.2) == ("timeout", False)
+    assert time.monotonic() - started < 5
+    time.sleep(0.2)  # the repeating timer is off again: no stray alarm reaches us here
+    assert not math_reward._Alarm.active
+
+
+def _slow_to_restart_worker(conn, timeout_s: float) -> None:
+    """Like _misbehaving_worker, but every start after the first two takes 3 s (a replacement
+    importing sympy on a loaded machine). Starts are counted in a file named after the parent."""
+    with open(f"/tmp/steer-test-starts-{os.getppid()}", "a") as file:
+        file.write("start\n")
+    with open(f"/tmp/steer-test-starts-{os.getppid()}") as file:
+        if len(file.readlines()) > 2:
+            time.sleep(3)
+    _misbehaving_worker(conn, timeout_s)
+
+
+def test_a_replacement_worker_starts_in_the_background() -> None:
+    """While the replacement of a killed worker starts, the other worker serves the batch."""
+    counter = Path(f"/tmp/steer-test-starts-{os.getpid()}")
+    counter.unlink(missing_ok=True)
+    reward = MathReward(num_workers=2, timeout_s=0.3)
+    reward._worker_target = _slow_to_restart_worker
+    try:
+        reward(["\\boxed{a}", "\\boxed{b}"], ["1", "1"])  # both workers up
+        started = time.monotonic()
+        # slot 0 hangs (killed after 1.3 s) while slot 1 naps through about 13 tasks; 6 remain
+        output = reward(["\\boxed{hang}"] + ["\\boxed{nap}"] * 19, ["1"] * 20)
+        elapsed = time.monotonic() - started
+        assert output.correct == [False] + [True] * 19
+        assert output.num_timeouts == 1
+        assert elapsed < 3.5, f"{elapsed:.2f} s: the step waited for the replacement to start"
+    finally:
+        reward.close()
+        counter.unlink(missing_ok=True)

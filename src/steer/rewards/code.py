@@ -275,6 +275,7 @@ def run_tests(
     test_timeout_s: float = 4.0,
     memory_mb: int = 1024,
     max_output_bytes: int = 64 << 20,
+    max_processes: int = 64,
 ) -> tuple[list[TestRecord], SandboxResult]:
     """Run ``code`` (the preamble is prepended) on every input of ``reference`` in one sandbox.
 
@@ -298,6 +299,7 @@ def run_tests(
         timeout_s=timeout_s,
         memory_mb=memory_mb,
         max_output_bytes=max_output_bytes,
+        max_processes=max_processes,
         site_packages=False,  # tests need the standard library only; start-up is ~4x faster
     )
     if result.status == "error":  # the sandbox failed, not the code: no verdict possible
@@ -458,7 +460,8 @@ class CodeReward:
         timeout_s: wall-clock limit for one sample, all its tests together.
         test_timeout_s: time limit of one test (a function call or one program run); raised to
             ``REFERENCE_TIME_FACTOR`` times the reference solution's time where that is known.
-        memory_mb: address-space limit of the sandboxed process.
+        memory_mb: address-space limit of each sandboxed process.
+        max_processes: processes (and threads) one sample may run at once (``RLIMIT_NPROC``).
         num_workers: samples checked at once (at most the number of free CPU cores).
     """
 
@@ -469,11 +472,17 @@ class CodeReward:
         test_timeout_s: float = 4.0,
         memory_mb: int = 1024,
         num_workers: int = 2,
+        max_processes: int = 64,
     ) -> None:
         if mode not in ("all_pass", "fraction"):
             raise ValueError(f"mode must be 'all_pass' or 'fraction', got {mode!r}")
         self.mode = mode
-        self.run_options = {"timeout_s": timeout_s, "test_timeout_s": test_timeout_s, "memory_mb": memory_mb}
+        self.run_options = {
+            "timeout_s": timeout_s,
+            "test_timeout_s": test_timeout_s,
+            "memory_mb": memory_mb,
+            "max_processes": max_processes,
+        }
         self.num_workers = num_workers
 
     def check(self, response: str, reference: Mapping[str, Any]) -> CheckResult:

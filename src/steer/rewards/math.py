@@ -9,6 +9,11 @@ Three modes (``MathReward(mode=...)``):
   match. Scores +1 / -1.
 - ``"either"`` — correct if either check accepts (the DAPO paper's evaluation). Scores 1 / 0.
 
+Plain numbers on both sides are compared here, exactly (:func:`numbers_equal`): integers must be
+equal (``4064257`` is wrong for ``4064256``); non-integers may differ by 1e-6 relative and by half
+a unit in the last written digit of the less precise one. Ground truths written in display
+delimiters (``\\[ 5+\\sqrt{3} \\]``, ``$...$``) are normalised like responses.
+
 Why a process pool: math-verify (sympy) can take unbounded time on hostile answers, and its own
 timeouts use ``signal.alarm``, which only works in the main thread. We switch its timeouts off and
 apply our own: an interval-timer alarm inside the process that runs the check (recoverable, cheap),
@@ -18,9 +23,9 @@ where a signal cannot reach (C code) or that crashed. A bad sample never hangs o
 
 from __future__ import annotations
 
+import decimal
 import functools
 import logging
-import math
 import multiprocessing
 import re
 import signal
@@ -33,6 +38,8 @@ from typing import Any, Sequence
 from steer.rewards.base import RewardOutput
 
 MODES = ("math_verify", "dapo_strict", "either")
+MAX_RESPONSE_CHARS = 100_000
+"""Answers are searched for in this many final characters of a response (~25k tokens)."""
 DAPO_TAIL_CHARS = 300
 """DAPO's reward only looks at the end of the response (verl ``math_dapo``: last 300 characters)."""
 KILL_GRACE_S = 1.0
@@ -50,44 +57,48 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_LINE_RE = re.compile(r"\banswer\s*:[ \t]*(.*)", re.IGNORECASE)
 
 
-def _braced_content(text: str, open_index: int) -> str | None:
-    """Content of the brace group opening at ``text[open_index] == "{"``; None if unbalanced.
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+_SPACES_RE = re.compile(r"\s*")
+_TOKEN_RE = re.compile(r"[^\s$]+")
 
-    Escaped braces (``\\{``, ``\\}``) are content, not delimiters.
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """``{open index: close index}`` of every balanced brace pair, in one linear pass.
+
+    Escaped braces (``\\{``, ``\\}``) are content, not delimiters. One pass for the whole text keeps
+    extraction linear on hostile input (thousands of unclosed ``\\boxed{``), where scanning from
+    each box to the end would be quadratic.
     """
-    depth = 0
-    i = open_index
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
+    stack: list[int] = []
+    pairs: dict[int, int] = {}
+    for token in _BRACE_TOKEN_RE.finditer(text):
+        char = token.group()
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1 : i]
-        i += 1
-    return None
+            stack.append(token.start())
+        elif char == "}" and stack:
+            pairs[stack.pop()] = token.start()
+    return pairs
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed 5`` in ``text``.
 
     An unterminated box (a response truncated mid-answer) or an empty one is skipped in favour of an
-    earlier one.
+    earlier one. Linear time in ``len(text)``.
     """
+    pairs: dict[int, int] | None = None
     for match in reversed(list(_BOX_RE.finditer(text))):
         rest = match.end()
-        stripped = text[rest:].lstrip()
-        if stripped.startswith("{"):
-            content = _braced_content(text, len(text) - len(stripped))
+        start = _SPACES_RE.match(text, rest).end()
+        content = None
+        if start < len(text) and text[start] == "{":
+            if pairs is None:
+                pairs = _matching_braces(text)
+            close = pairs.get(start)
+            content = None if close is None else text[start + 1 : close]
         elif rest < len(text) and text[rest] in " \t":  # "\boxed 5": one token
-            token = re.match(r"[^\s$]+", stripped)
+            token = _TOKEN_RE.match(text, start)
             content = token.group(0) if token else None
-        else:
-            content = None
         if content is not None and content.strip():
             return content.strip()
     return None
@@ -121,7 +132,12 @@ def extract_answer_line(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a response: the last boxed answer, else the last ``Answer:`` line."""
+    """The final answer of a response: the last boxed answer, else the last ``Answer:`` line.
+
+    Only the last ``MAX_RESPONSE_CHARS`` characters are searched, which bounds the time a
+    megabyte of hostile text (e.g. 100,000 unclosed ``\\boxed{``) can take outside any timer.
+    """
+    text = text[-MAX_RESPONSE_CHARS:]
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -145,15 +161,21 @@ _UNITS = (
 _TRAILING_UNIT_RE = re.compile(
     r"(?<=[\d.])\s*(?:" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r")(?:\^\{?\d\}?)?$"
 )
+MAX_TEXT_NESTING = 8
+"""Levels of nested ``\\text{}``-like wrappers removed (more is hostile input, not an answer)."""
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SIMPLE_LHS_RE = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?=(?!=)")
 
 
 def _unwrap_outer_braces(text: str) -> str:
-    """``{{3}}`` -> ``3``: drop brace pairs that enclose the whole string."""
-    while text.startswith("{") and _braced_content(text, 0) == text[1:-1]:
-        text = text[1:-1]
-    return text
+    """``{{3}}`` -> ``3``: drop brace pairs that enclose the whole string (linear time)."""
+    if not text.startswith("{"):
+        return text
+    pairs = _matching_braces(text)
+    depth, last = 0, len(text) - 1
+    while depth < last - depth and text[depth] == "{" and pairs.get(depth) == last - depth:
+        depth += 1
+    return text[depth : len(text) - depth]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -167,14 +189,16 @@ def normalize_answer(answer: str) -> str:
     Deliberately conservative: it never evaluates anything, so ``1/2`` and ``0.5`` stay different
     (that is math-verify's job).
     """
-    text = answer.strip()
+    text = _strip_math_delimiters(answer)  # ground truths may be written "\\[ 5+\\sqrt{3} \\]"
     boxed = extract_boxed(text) if text.startswith(("\\boxed", "\\fbox")) else None
     if boxed is not None:
         text = boxed
     text = text.replace("\\$", "").replace("$", "").replace("\n", " ")
     text = _SPACING_RE.sub("", text)
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
-    while (unwrapped := _TEXT_COMMANDS_RE.sub(r"\1", text)) != text:
+    for _ in range(MAX_TEXT_NESTING):  # \\text{\\textbf{x}}: one level per pass, bounded
+        if (unwrapped := _TEXT_COMMANDS_RE.sub(r"\1", text)) == text:
+            break
         text = unwrapped
     text = _DEGREES_RE.sub("", text)
     text = text.replace("\\%", "").replace("%", "")
@@ -212,7 +236,9 @@ def strict_match(response: str, reference: str) -> bool:
 _SCIENTIFIC_RE = re.compile(r"^(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)$")
 _PLAIN_NUMBER_RE = re.compile(r"(?=[-+]?\.?\d)[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
 NUMBER_REL_TOL = 1e-6
-"""Relative tolerance when both answers are plain numbers (about math-verify's 6 digits, but relative)."""
+"""Relative tolerance between two plain non-integer numbers (see :func:`numbers_equal`)."""
+MAX_NUMBER_CHARS = 400
+"""Longer "plain numbers" are compared as exact strings only (no Decimal arithmetic on huge input)."""
 
 
 class _QuietTimeoutWarning(logging.Filter):
@@ -238,7 +264,7 @@ def _math_verify_input(answer: str) -> str:
     Ground truths such as ``69$,$84`` carry inner dollar signs, and Minerva writes ``4.5e33``,
     which sympy would read as ``4.5 * E * 33``.
     """
-    answer = answer.replace("$", "").strip()
+    answer = _strip_math_delimiters(answer).replace("$", "").strip()
     scientific = _SCIENTIFIC_RE.match(answer)
     if scientific:
         answer = f"{scientific.group(1)}\\times10^{{{scientific.group(2)}}}"
@@ -263,25 +289,53 @@ def parse_expression(answer: str) -> tuple:
     return tuple(first)
 
 
-def _as_number(answer: str) -> float | None:
-    """The value of a plain decimal or scientific-notation number (``-1,200.5``, ``3.89e-10``), else None."""
-    text = answer.replace("$", "").strip()
-    if not _PLAIN_NUMBER_RE.fullmatch(text):
+def _as_number(answer: str) -> decimal.Decimal | None:
+    """The exact value of a plain decimal or scientific-notation number (``-1,200.5``,
+    ``3.89e-10``, also inside display delimiters), else None."""
+    text = _strip_math_delimiters(answer.replace("\\$", "")).replace("$", "").strip()
+    if len(text) > MAX_NUMBER_CHARS or not _PLAIN_NUMBER_RE.fullmatch(text):
         return None
-    return float(text.replace(",", ""))
+    try:
+        return decimal.Decimal(text.replace(",", ""))
+    except decimal.DecimalException:
+        return None
+
+
+def _is_integer(number: decimal.Decimal) -> bool:
+    return number == number.to_integral_value()
 
 
 def numbers_equal(answer: str, reference: str) -> bool | None:
-    """Compare two plain numbers with a relative tolerance; None unless both are plain numbers.
+    """Compare two plain numbers; None unless both are plain numbers.
 
-    Cheap (no sympy), so integer-answer datasets such as DAPO-Math-17k never need a worker, and
-    exact for tiny values: math-verify rounds to 6 decimals, which makes every pair of values below
-    1e-6 equal (Minerva's ``1.325e-27`` would match ``2.88e-19``).
+    The rule:
+
+    - **integers compare exactly**: if either value is an integer (``4064256``, ``4,064,256``,
+      ``4064256.0``, ``4.064256e6``) the two must be equal, so ``4064257`` is wrong for
+      ``4064256`` however large the numbers (a relative tolerance accepted it);
+    - two **non-integers** are equal when they differ by at most ``NUMBER_REL_TOL`` relative to the
+      larger *and* by at most half a unit in the last digit written in the less precise of the two:
+      ``0.3333333`` matches ``0.33333333`` and ``3.14159`` matches ``3.14159265``, but
+      ``4064257.5`` does not match ``4064256.5`` and ``3.9e-10`` does not match ``3.89e-10``.
+
+    Exact decimal arithmetic (no floats): cheap (no sympy), so integer-answer datasets such as
+    DAPO-Math-17k never need a worker, and exact for tiny values, where math-verify's rounding to 6
+    decimals would make every pair of values below 1e-6 equal (Minerva's ``1.325e-27`` vs ``2.88e-19``).
     """
     numbers = _as_number(answer), _as_number(reference)
-    if None in numbers:
+    if numbers[0] is None or numbers[1] is None:
         return None
-    return math.isclose(*numbers, rel_tol=NUMBER_REL_TOL)
+    a, b = numbers
+    try:
+        if a == b:
+            return True
+        if _is_integer(a) or _is_integer(b):
+            return False
+        difference = abs(a - b)
+        half_unit = max(decimal.Decimal(1).scaleb(n.as_tuple().exponent) for n in numbers) / 2
+        return difference <= half_unit and difference <= decimal.Decimal(NUMBER_REL_TOL) * max(abs(a), abs(b))
+    except (decimal.DecimalException, TypeError):  # e.g. an exponent beyond Decimal's range
+        return False
 
 
 def math_verify_equal(answer: str, reference: str) -> bool:
@@ -308,30 +362,60 @@ class CheckTimeout(BaseException):
     blocks cannot swallow it (math-verify's own timeout class is a BaseException for the same reason)."""
 
 
+ALARM_REPEAT_S = 0.05
+"""After the deadline the alarm repeats this often until the check has stopped: one CheckTimeout
+can be swallowed (raised inside a ``__del__`` or weakref callback that the garbage collector ran
+during the check, where Python only prints it), the next one is not."""
+
+
+class _Alarm:
+    """State of the one SIGALRM timer of this process (see :func:`run_with_timeout`)."""
+
+    active = False
+    timeout_s = 0.0
+    previous: tuple = (signal.SIG_DFL, 0.0, 0.0)  # the caller's handler, its timer's delay, our start
+
+
+def _on_alarm(signum, frame) -> None:
+    if _Alarm.active:
+        raise CheckTimeout(f"check exceeded {_Alarm.timeout_s} s")
+
+
+def _disarm() -> None:
+    """Stop our timer, put back the caller's handler and timer. Idempotent, and called again by
+    :func:`checked_math_verify` in case an alarm cut this very function short; the flag goes
+    first, so an alarm that still arrives meanwhile is a no-op."""
+    if not _Alarm.active:
+        return
+    _Alarm.active = False
+    previous_handler, previous_delay, started = _Alarm.previous
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous_handler)
+    if previous_delay > 0:
+        signal.setitimer(signal.ITIMER_REAL, max(previous_delay - (time.monotonic() - started), 1e-3))
+
+
 def run_with_timeout(check, timeout_s: float, *args) -> bool:
     """Run ``check(*args)`` under a SIGALRM interval timer of ``timeout_s`` seconds.
 
     Only possible in the main thread of a process; elsewhere the check runs without a limit (the
-    pool path adds a wall-clock kill on top). Raises :class:`CheckTimeout` when the timer fires.
-    A timer set by the caller (e.g. pytest-timeout) is restored afterwards.
+    pool path adds a wall-clock kill on top). Raises :class:`CheckTimeout` when the timer fires,
+    and again every ``ALARM_REPEAT_S`` until the check has stopped. A timer set by the caller
+    (e.g. pytest-timeout) is restored afterwards.
     """
     _math_verify()  # import outside the timer: an interrupted import would leave sympy half-loaded
-    if threading.current_thread() is not threading.main_thread() or timeout_s <= 0:
+    if threading.current_thread() is not threading.main_thread() or timeout_s <= 0 or _Alarm.active:
         return check(*args)
-
-    def on_alarm(signum, frame):
-        raise CheckTimeout(f"check exceeded {timeout_s} s")
-
-    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
-    previous_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    _Alarm.timeout_s = timeout_s
+    _Alarm.previous = (previous_handler, 0.0, time.monotonic())
+    _Alarm.active = True
+    previous_delay, _ = signal.setitimer(signal.ITIMER_REAL, timeout_s, ALARM_REPEAT_S)
+    _Alarm.previous = (previous_handler, previous_delay, _Alarm.previous[2])
     try:
         return check(*args)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous_handler)
-        if previous_delay > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(previous_delay - (time.monotonic() - started), 1e-3))
+        _disarm()
 
 
 def checked_math_verify(answer: str, reference: str, timeout_s: float) -> tuple[str, bool]:
@@ -339,6 +423,7 @@ def checked_math_verify(answer: str, reference: str, timeout_s: float) -> tuple[
     try:
         return "ok", bool(run_with_timeout(math_verify_equal, timeout_s, answer, reference))
     except CheckTimeout:
+        _disarm()
         return "timeout", False
     except Exception:  # noqa: BLE001 - a broken sample must never stop training
         return "error", False
@@ -368,16 +453,32 @@ def _worker_main(conn: Connection, timeout_s: float) -> None:
 class _Worker:
     """One spawned worker process and its pipe."""
 
-    def __init__(self, timeout_s: float, target=_worker_main) -> None:
+    def __init__(self, timeout_s: float, target=_worker_main, wait: bool = True) -> None:
         context = multiprocessing.get_context("spawn")  # safe with torch/CUDA/threads in the parent
         self.conn, child_conn = context.Pipe(duplex=True)
         self.process = context.Process(target=target, args=(child_conn, timeout_s), daemon=True)
         self.process.start()
         child_conn.close()
+        self.ready = False
+        self.started = time.monotonic()
+        if wait:
+            self.wait_ready()
+
+    def poll_ready(self) -> bool:
+        """Whether the worker has said "ready" (without blocking); RuntimeError if it died or
+        took longer than ``WORKER_START_TIMEOUT_S``."""
+        if not self.ready:
+            if self.conn.poll() or time.monotonic() - self.started > WORKER_START_TIMEOUT_S:
+                self.wait_ready()
+        return self.ready
+
+    def wait_ready(self) -> None:
+        """Block until the worker has imported sympy and said so; RuntimeError if it never does."""
         try:
-            if not self.conn.poll(WORKER_START_TIMEOUT_S):
+            if not self.conn.poll(max(WORKER_START_TIMEOUT_S - (time.monotonic() - self.started), 0)):
                 raise TimeoutError(f"no answer within {WORKER_START_TIMEOUT_S} s")
             self.conn.recv()  # "ready"
+            self.ready = True
         except (EOFError, OSError) as error:  # OSError includes the TimeoutError above
             self.kill()
             raise RuntimeError(
@@ -505,6 +606,7 @@ class MathReward:
             raise
 
     def _dispatch(self, tasks: list[tuple[int, str, str]]) -> dict[int, tuple[str, bool]]:
+        self._start_workers(min(self.num_workers, len(tasks)))
         limit_s = self.timeout_s + KILL_GRACE_S
         batch_size = max(1, min(MAX_BATCH, len(tasks) // (4 * self.num_workers)))
         results: dict[int, tuple[str, bool]] = {}
@@ -514,6 +616,8 @@ class MathReward:
             for slot in range(self.num_workers):
                 if slot not in busy and pending:
                     worker = self._workers[slot] or self._start_worker(slot)
+                    if not worker.poll_ready():
+                        continue  # a replacement still importing sympy: the other slots go on
                     batch = deque(pending.popleft() for _ in range(min(batch_size, len(pending))))
                     try:
                         worker.conn.send([(answer, reference) for _, answer, reference in batch])
@@ -522,10 +626,12 @@ class MathReward:
                         self._replace_worker(slot)
                         continue
                     busy[slot] = (batch, time.monotonic() + limit_s)
+            starting = [w.conn for w in self._workers if w is not None and not w.ready] if pending else []
             if not busy:
+                wait(starting, timeout=1.0)
                 continue
             next_deadline = min(deadline for _, deadline in busy.values())
-            wait([self._workers[slot].conn for slot in busy], timeout=max(next_deadline - time.monotonic(), 0))
+            wait([self._workers[slot].conn for slot in busy] + starting, timeout=max(next_deadline - time.monotonic(), 0))
             for slot, (waiting, deadline) in list(busy.items()):
                 conn = self._workers[slot].conn
                 try:
@@ -547,13 +653,30 @@ class MathReward:
                     del busy[slot]
         return results
 
+    def _start_workers(self, count: int) -> None:
+        """Start the first ``count`` slots' missing workers side by side, not one after the other:
+        each start imports sympy (seconds), which a step would otherwise pay ``count`` times."""
+        fresh = {}
+        for slot in range(count):
+            if self._workers[slot] is None:
+                fresh[slot] = self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target, wait=False)
+        for slot, worker in fresh.items():
+            try:
+                worker.wait_ready()
+            except RuntimeError:
+                self._workers[slot] = None
+                raise
+
     def _start_worker(self, slot: int) -> _Worker:
-        self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target)
+        """Start a worker in ``slot`` without waiting for it (see :meth:`_Worker.poll_ready`)."""
+        self._workers[slot] = _Worker(self.timeout_s, target=self._worker_target, wait=False)
         return self._workers[slot]
 
     def _replace_worker(self, slot: int) -> None:
+        """Kill a stuck or dead worker and start its replacement at once, in the background: the
+        dispatch loop keeps serving the other slots while it imports sympy."""
         self._workers[slot].kill()
-        self._workers[slot] = None  # restarted lazily when the next task needs the slot
+        self._start_worker(slot)
 
     def _kill_all(self) -> None:
         for worker in self._workers:
