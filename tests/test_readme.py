@@ -203,3 +203,36 @@ def test_readme_tracking_line(command, tmp_path, capsys):
     client = mlflow.MlflowClient(f"sqlite:///{copy}/mlflow.db")
     path = client.download_artifacts(logger.run_id, "figures/f.txt", str(tmp_path / "dl"))
     assert Path(path).read_text() == "figure"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python experiments/compare.py")])
+def test_readme_compare_line(command, tmp_path, monkeypatch):
+    """The compare line on a small sweep store (two seeds of one method) made by our logger."""
+    from mlflow.entities import Metric, Param
+
+    from experiments.compare import main as compare
+    from steer.tracking import RunFolderMLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/sweep/mlflow.db"
+    for seed in (1, 2):
+        logger = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri, run_name=f"grpo_seed{seed}")
+        logger.experiment.log_batch(logger.run_id, params=[Param("intervention.name", "grpo"), Param("seed", str(seed))],
+                                    metrics=[Metric("reward/accuracy", 0.1 * s * seed, 0, s) for s in range(3)])
+        logger.finalize("success")
+    words = shlex.split(command)[2:]
+    words[words.index("--tracking-uri") + 1] = uri
+    monkeypatch.chdir(tmp_path)  # --out is relative
+    paths = compare(words)
+    assert {p.name for p in paths} >= {"comparison.md", "accuracy_curves.png"}
+    if "--log-artifacts" in words:
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id],
+                                  filter_string="tags.`steer.kind` = 'comparison'")
+        assert {f.path for f in client.list_artifacts(runs[0].info.run_id)} >= {"comparison.md", "accuracy_curves.png"}
+
+
+def test_every_readme_command_has_a_rule():
+    known = ("python src/run.py", "make ", "mlflow ui", "python -m steer.tracking", "python experiments/compare.py")
+    assert [c for c in COMMANDS if not c.startswith(known)] == []
