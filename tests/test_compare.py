@@ -67,26 +67,3 @@ def test_unknown_experiment_is_an_error(store, tmp_path):
     with pytest.raises(SystemExit, match="no runs"):
         compare(["--tracking-uri", store, "--experiment", "nope", "--out", str(tmp_path / "x")])
 
-
-def test_log_artifacts_puts_the_plots_in_a_comparison_run_of_the_store(tmp_path):
-    """A sweep's store made by our logger: the plots land next to it and the run is no method."""
-    from steer.tracking import RunFolderMLFlowLogger
-
-    uri = f"sqlite:///{tmp_path}/sweep/mlflow.db"
-    for seed in (1, 2):
-        logger = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri, run_name=f"grpo_seed{seed}")
-        logger.experiment.log_batch(logger.run_id, metrics=[Metric("actor/entropy", 1.0 / (seed + s), 0, s) for s in range(3)],
-                                    params=[Param("intervention.name", "grpo"), Param("seed", str(seed))])
-        logger.finalize("success")
-    for attempt in range(2):  # a second comparison reuses the run
-        compare(["--tracking-uri", uri, "--out", str(tmp_path / f"out{attempt}"), "--log-artifacts"])
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id])
-    (comparison,) = [r for r in runs if r.info.run_name == "comparison"]
-    assert comparison.info.status == "FINISHED"
-    names = {f.path for f in client.list_artifacts(comparison.info.run_id)}
-    assert names == {"comparison.md", "comparison.csv", "entropy_curves.png"}
-    assert (tmp_path / "sweep" / "artifacts" / comparison.info.run_id / "artifacts" / "entropy_curves.png").is_file()
-    table = (tmp_path / "out1" / "comparison.md").read_text()
-    assert "| grpo |" in table and "comparison" not in table.split("\n", 2)[2]
-    assert "(n=2)" in table

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from steer.app import train
-from steer.tracking import RunFolderMLFlowLogger, open_store, repoint_artifacts, tracked_run
+from steer.tracking import RunFolderMLFlowLogger, open_store, repoint_artifacts, tracked_run, ui_command
 from tests.conftest import TINY_RUN, compose
 
 
@@ -22,14 +22,22 @@ def runs_of(db) -> dict:
     return {run.info.run_name: run for run in runs}
 
 
-def test_a_run_folder_copied_elsewhere_still_opens_with_its_figures(tmp_path, monkeypatch):
+def test_a_run_folder_copied_elsewhere_still_opens_with_its_figures(tmp_path, monkeypatch, capsys):
     elsewhere = tmp_path / "started-from-here"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # artifacts must not land in ./mlruns of the working directory
     run_dir = tmp_path / "outputs" / "run"
-    cfg = compose([*TINY_RUN, "logger=mlflow", "callbacks.entropy_probe.figures=[entropy]"], run_dir)
+    with_progress_bar = [o for o in TINY_RUN if "progress" not in o]
+    cfg = compose([*with_progress_bar, "logger=mlflow", "callbacks.entropy_probe.figures=[entropy]"], run_dir)
     train(cfg)
     assert list(elsewhere.iterdir()) == []
+    # Output is not a terminal here (80 columns): the ui command must still be one whole line, the
+    # last one, after the progress bar's final frame (RL steps, no epoch counter).
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ui_command(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    bar = next(i for i, line in enumerate(out) if line.startswith("RL steps"))
+    assert "2/2" in out[bar] and "s/step" in " ".join(out[bar:bar + 3]) and not any("Epoch" in line for line in out)
+    assert bar < next(i for i, line in enumerate(out) if "Run summary" in line)
     assert (run_dir / "artifacts").is_dir()
     # A store holding someone else's experiment too: theirs must not be re-pointed.
     theirs = (tmp_path / "their-artifacts").as_uri()

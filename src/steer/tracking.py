@@ -187,8 +187,10 @@ def tracked_run(logger: Any) -> Iterator[None]:
     ``KILLED`` on SIGTERM/SIGINT (then ``SystemExit(128 + signum)``); a finished run is left to
     Lightning (``FINISHED``). The previous signal handlers are restored on the way out.
 
-    Lightning's own handlers keep working: inside ``fit`` it chains the handler installed here, and
-    its KeyboardInterrupt handling (mark ``FAILED``, ``sys.exit(1)``) is overruled by the flag below.
+    Lightning's own handling keeps working: inside ``fit`` it chains the SIGTERM handler installed
+    here, and the :class:`RunKilled` raised by it (or by Ctrl+C) goes through Lightning's exception
+    path (callbacks' ``on_exception``, teardown, the logger marked ``FAILED``) before this context
+    overrules that status with ``KILLED``. A second signal while shutting down is ignored.
     """
     if not isinstance(logger, MLFlowLogger):
         yield

@@ -66,6 +66,12 @@ class RLProgressBar(RichProgressBar):
         self._stop_progress()
         super().on_train_end(trainer, pl_module)
 
+    def _stop_progress(self) -> None:
+        # Once only: rich prints an empty line on every stop when output is not a terminal, and
+        # Lightning stops again at teardown (after the summary's last line).
+        if not self._progress_stopped:
+            super()._stop_progress()
+
     def get_metrics(self, trainer, pl_module) -> dict[str, str]:
         """What the bar shows after the step counter (replaces Lightning's logged prog_bar values)."""
         shown: dict[str, str] = {}
