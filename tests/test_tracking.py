@@ -11,7 +11,7 @@ import lightning as L
 import mlflow
 import pytest
 
-from steer.app import train
+from steer.app import run, train
 from steer.tracking import RunFolderMLFlowLogger, open_store, repoint_artifacts, tracked_run, ui_command
 from tests.conftest import TINY_RUN, compose
 
@@ -80,7 +80,7 @@ class SignalOnFirstBatch(L.Callback):
 
 
 def test_failed_and_killed_runs_end_failed_and_killed(tmp_path):
-    """One store, four runs: an exception in fit, a config error after the logger exists, SIGTERM, SIGINT."""
+    """One store, five runs: an exception in fit, a config error after the logger exists, SIGTERM, SIGINT, an eval."""
     base = [*TINY_RUN, "logger=mlflow", "callbacks.entropy_probe=null", "~eval.benchmarks.arithmetic"]
     with pytest.raises(RuntimeError, match="boom"):
         train(compose([*base, "run_name=exception", "+callbacks.boom._target_=tests.test_tracking.FailOnTrainStart"],
@@ -94,8 +94,13 @@ def test_failed_and_killed_runs_end_failed_and_killed(tmp_path):
                            f"+callbacks.kill.signum={int(signum)}"], tmp_path))
         assert exit_info.value.code == 128 + signum
         assert {s: signal.getsignal(s) for s in handlers} == handlers  # our handlers are gone again
-    statuses = {name: run.info.status for name, run in runs_of(tmp_path / "mlflow.db").items()}
-    assert statuses == {"exception": "FAILED", "config_error": "FAILED", "SIGTERM": "KILLED", "SIGINT": "KILLED"}
+    # ... and a fifth, mode=eval, that finishes: its results are an artifact next to the store.
+    run(compose([*TINY_RUN, "logger=mlflow", "mode=eval", "run_name=eval"], tmp_path))
+    runs = runs_of(tmp_path / "mlflow.db")
+    statuses = {name: run.info.status for name, run in runs.items()}
+    assert statuses == {"exception": "FAILED", "config_error": "FAILED", "SIGTERM": "KILLED", "SIGINT": "KILLED",
+                        "eval": "FINISHED"}
+    assert (tmp_path / "artifacts" / runs["eval"].info.run_id / "artifacts" / "eval_results.json").is_file()
 
 
 def test_tracked_run_without_mlflow_changes_nothing():

@@ -98,7 +98,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_artifact(logger.run_id, str(output))
             logger.finalize("success")
-    name = cfg.checkpoint or cfg.model.path or "the embedded tiny model"
+    name = cfg.get("checkpoint") or cfg.model.path or "the embedded tiny model"
     print_results(results, title=f"Evaluation of {name}")
     Console().print(f"results: {output}")
     return {f"eval/{r.benchmark}/{key}": value for r in results for key, value in r.metrics.items()}
