@@ -15,7 +15,10 @@ are read at the evaluation where METRIC was best instead (checkpoint selection, 
 picks the checkpoint with the best AIME24 score), and a ``selected step`` column says which.
 The 95% CI is Student's t half-width ``t_{0.975, n-1} s / sqrt(n)`` over the seeds (blank for a
 single seed). Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png`` and
-``accuracy_curves.png``.
+``accuracy_curves.png``;
+``--log-artifacts`` also logs them to a run named ``comparison`` of the (first) store, so that a
+sweep's overlay plots open in the MLflow UI next to its runs (that run is tagged
+``steer.kind=comparison`` and never counted as a method).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ import mlflow
 import numpy as np
 from scipy import stats
 
+from steer.tracking import open_store
+
+KIND_TAG, COMPARISON = "steer.kind", "comparison"
 EVAL_ACCURACY = re.compile(r"^eval/(?P<benchmark>[^/]+)/mean_at_(?P<k>\d+)$")
 
 
@@ -81,6 +87,8 @@ def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: s
         if found is None:
             continue
         for run in client.search_runs([found.experiment_id], filter_string=filter_string, max_results=10_000):
+            if run.data.tags.get(KIND_TAG) == COMPARISON:  # our own logged comparison, not a method
+                continue
             metrics = run.data.metrics
             final: dict[str, float] = {}
             curves: dict[str, list[tuple[int, float]]] = {}
@@ -233,7 +241,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--select-mode", choices=("max", "min"), default="max")
     parser.add_argument("--label-by", nargs="+", default=["intervention.name"],
                         help="params whose values name a row, e.g. algorithm.estimator intervention.name")
+    parser.add_argument("--log-artifacts", action="store_true",
+                        help="log the table and plots to a run named 'comparison' of the first store")
     args = parser.parse_args(argv)
+    args.tracking_uri = [open_store(uri) for uri in args.tracking_uri]  # a moved folder finds its artifacts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(args.tracking_uri, args.experiment, args.filter,
@@ -245,7 +256,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
     at = f"the evaluation with the best {args.select_by} ({args.select_mode})" if args.select_by else "the last step"
     paths = [*write_table(runs, out, methods, at), *plot_curves(runs, out, methods)]
     print((out / "comparison.md").read_text())
+    if args.log_artifacts:
+        run_id = log_comparison(args.tracking_uri[0], args.experiment, paths)
+        print(f"logged to run 'comparison' ({run_id}) of {args.tracking_uri[0]}")
     return paths
+
+
+def log_comparison(tracking_uri: str, experiment: str, paths: Sequence[Path]) -> str:
+    """Log ``paths`` as artifacts of the store's ``comparison`` run (created once, then reused)."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{KIND_TAG}` = '{COMPARISON}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name=COMPARISON, tags={KIND_TAG: COMPARISON}).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+    for path in paths:
+        client.log_artifact(run_id, str(path))
+    return run_id
 
 
 if __name__ == "__main__":

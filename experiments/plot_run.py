@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from steer.callbacks.entropy_probe import FIGURES, History, write_figures  # noqa: E402
+from steer.tracking import open_store  # noqa: E402
 
 
 def load_history(client: mlflow.MlflowClient, run_id: str) -> History:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--figures", nargs="*", default=list(FIGURES), choices=FIGURES)
     parser.add_argument("--log-artifacts", action="store_true", help="also log the PNGs to the run under figures/")
     args = parser.parse_args(argv)
-    client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=open_store(args.tracking_uri))  # a moved folder finds its artifacts
     out = Path(args.out or f"figures_{args.run_id}")
     paths = write_figures(load_history(client, args.run_id), load_probe_data(client, args.run_id), out, args.figures)
     if args.log_artifacts:

@@ -211,5 +211,8 @@ def test_multirun_from_the_command_line_writes_one_mlflow_store_per_sweep(tmp_pa
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["grpo_seed1", "grpo_seed2"]
+    # one artifact root per sweep, next to its store (not ./mlruns of the working directory)
+    assert all(r.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri()) for r in runs)
+    assert {r.info.status for r in runs} == {"FINISHED"}
     assert sorted((tmp_path / name).name for name in ("0_grpo_seed1", "1_grpo_seed2") if (tmp_path / name).is_dir()) == [
         "0_grpo_seed1", "1_grpo_seed2"]

@@ -24,6 +24,7 @@ from steer.models.loader import load_policy, load_policy_tokenizer
 from steer.module import RLVRModule
 from steer.rewards.base import score_safely
 from steer.rollout.base import SamplingParams
+from steer.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = read_resume_info(cfg.resume) if cfg.get("resume") else None
     logger = build_logger(cfg, resume)
     tracking_uri = getattr(logger, "_tracking_uri", None) if logger else None
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+    with tracked_run(logger):  # from here on the MLflow run exists: it must end FINISHED/FAILED/KILLED
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
     return dict(getattr(module, "last_metrics", {}))
 
 

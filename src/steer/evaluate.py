@@ -25,6 +25,7 @@ from rich.table import Table
 from steer.app import build_evaluation, build_logger, build_module
 from steer.callbacks.evaluation import EvalResult
 from steer.config import ConfigError
+from steer.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +82,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module.to(_device(cfg))
     evaluation = build_evaluation(cfg)
     logger = build_logger(cfg)
-    try:
-        results = evaluation.run(module, loggers=[logger] if logger else [])
-    finally:
-        evaluation.close()
+    with tracked_run(logger):  # the MLflow run exists: it must end FINISHED/FAILED/KILLED
+        try:
+            results = evaluation.run(module, loggers=[logger] if logger else [])
+        finally:
+            evaluation.close()
 
-    output = Path(cfg.output_dir) / "eval_results.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "checkpoint": cfg.get("checkpoint"),
-        "seed": cfg.seed,
-        "benchmarks": {r.benchmark: {"metrics": r.metrics, "settings": r.extra, "seconds": r.seconds} for r in results},
-    }
-    output.write_text(json.dumps(summary, indent=2))
-    if logger:
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(output))
-        logger.finalize("success")
-    name = cfg.checkpoint or cfg.model.path or "the embedded tiny model"
+        output = Path(cfg.output_dir) / "eval_results.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "checkpoint": cfg.get("checkpoint"),
+            "seed": cfg.seed,
+            "benchmarks": {r.benchmark: {"metrics": r.metrics, "settings": r.extra, "seconds": r.seconds}
+                           for r in results},
+        }
+        output.write_text(json.dumps(summary, indent=2))
+        if logger:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_artifact(logger.run_id, str(output))
+            logger.finalize("success")
+    name = cfg.get("checkpoint") or cfg.model.path or "the embedded tiny model"
     print_results(results, title=f"Evaluation of {name}")
     Console().print(f"results: {output}")
     return {f"eval/{r.benchmark}/{key}": value for r in results for key, value in r.metrics.items()}

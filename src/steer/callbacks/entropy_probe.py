@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
 import numpy as np
 import torch
 
@@ -299,7 +300,7 @@ class EntropyProbe(L.Callback, StepObserver):
             np.savez_compressed(data_path, **probe_data)
         if self.figures:
             paths = write_figures(self.metric_history, probe_data, folder / "figures", self.figures)
-        mlflow_logger = next((lg for lg in trainer.loggers if type(lg).__name__ == "MLFlowLogger"), None)
+        mlflow_logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
         if mlflow_logger is not None:
             try:
                 if probe_data:

@@ -6,6 +6,8 @@ import lightning as L
 from rich.console import Console
 from rich.table import Table
 
+from steer.tracking import ui_command
+
 
 class SummaryCallback(L.Callback):
     def __init__(self, tracking_uri: str | None = None, warmup_info: dict | None = None) -> None:
@@ -46,6 +48,9 @@ class SummaryCallback(L.Callback):
             console.print(f"warm-up: {self.warmup_info['steps']} supervised steps, sampled held-out accuracy "
                           f"{self.warmup_info['accuracy']:.3f}")
         if self.tracking_uri:
-            store = self.tracking_uri
-            console.print(f"MLflow store: {store}")
-            console.print(f"open it with: mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000 --workers 1")
+            # Plain print, not rich: rich wraps at 80 columns when stdout is not a terminal, and the
+            # command must survive copy-paste from a log file as one line.
+            console.file.flush()
+            print(f"MLflow store: {self.tracking_uri}", flush=True)
+            print("open it with:", flush=True)
+            print(ui_command(self.tracking_uri), flush=True)

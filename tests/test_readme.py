@@ -1,0 +1,234 @@
+"""Every command line of the README's ``bash`` blocks is exercised, so a README example cannot rot.
+
+The lines are read from README.md at collection time: a new line is picked up automatically, and a
+line that no rule below knows fails (add a rule, do not skip it). What each kind of line gets:
+
+- ``python src/run.py ...`` runs in-process with the README's overrides *last* after tiny ones (a
+  couple of RL steps, a barely warmed policy); ``model.path=<anything>`` becomes a locally built
+  Hugging Face model folder (no download). Lines that need a GPU, a 7B model's benchmarks or an
+  optional extra (``+experiment=...``, ``eval=code``) and sweeps (``-m``: every job of the sweep)
+  are composed with the real config and validated by ``check_config`` instead.
+- ``make <target>``: the target exists and expands (``make -n``); CI runs ``make test`` for real and
+  ``.ci/newcomer.sh`` runs ``make run`` from a fresh clone.
+- ``mlflow ui ...``: every option of the line is an option of the installed ``mlflow ui``.
+- ``python -m steer.tracking FOLDER``: runs on a real (copied) run folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from steer.app import run
+from steer.config import check_config
+from tests.conftest import REPO, TINY_RUN, compose
+
+README = REPO / "README.md"
+
+# GSM8K / DAPO lines: the eval preset that fits them is passed explicitly until the start-up
+# pairing of data and eval presets lands (then the README line must run as written).
+TINY_MATH = [
+    "data.train.limit=8",
+    "rollout.max_prompt_length=1000",
+    "eval.benchmarks.math500.records.limit=2",
+    "eval.benchmarks.gsm8k.records.limit=2",
+    "eval.benchmarks.math500.samples_per_prompt=2",
+    "eval.benchmarks.gsm8k.samples_per_prompt=2",
+    "eval.benchmarks.math500.max_new_tokens=8",
+    "eval.benchmarks.gsm8k.max_new_tokens=8",
+    "rollout.max_new_tokens=8",
+]
+
+
+def readme_commands(text: str) -> list[str]:
+    """Each command of the README's ```bash blocks (``a && b`` gives two; comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                head, _, words = (words[: words.index("&&")], None, words[words.index("&&") + 1:]) \
+                    if "&&" in words else (words, None, [])
+                if head:
+                    commands.append(shlex.join(head))
+    return commands
+
+
+COMMANDS = readme_commands(README.read_text())
+
+
+def test_the_readme_has_the_examples_this_file_expects():
+    kinds = {shlex.split(c)[0] if not c.startswith("python ") else " ".join(shlex.split(c)[:2]) for c in COMMANDS}
+    assert {"make", "mlflow", "python src/run.py", "python -m"} <= kinds, kinds
+    assert readme_commands("```bash\nmake a   # b\nx y && z\n```\n```\nnot bash\n```") == ["make a", "x y", "z"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A local Hugging Face model folder (char tokenizer with a chat template, tiny Qwen2)."""
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-hf-model"
+    tokenizer = build_char_tokenizer()
+    build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, max_positions=1100).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _local(overrides: list[str], hf_folder: Path, tmp_path: Path) -> list[str]:
+    """The README's overrides with placeholders made local (model, checkpoint)."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "model.path":
+            item = f"model.path={hf_folder}"
+        elif key == "checkpoint":
+            item = f"checkpoint={tmp_path / 'last.ckpt'}"
+        out.append(item)
+    if "model=hf" in out:
+        out.append("model.dtype=float32")
+    return out
+
+
+def _sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a ``-m`` sweep: the cartesian product of every comma-separated value list."""
+    choices = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        plain = "," in value and not value.startswith(("[", "{"))
+        choices.append([f"{key}={v}" for v in value.split(",")] if plain else [item])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def _compose_and_check(overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose(overrides, tmp_path)
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+
+
+def _tiny(overrides: list[str]) -> list[str]:
+    """Tiny overrides that fit the line's model and data presets."""
+    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), "arithmetic")
+    hf = "model=hf" in overrides
+    tiny = [o for o in TINY_RUN if not (hf and o.startswith("model."))]
+    if data != "arithmetic":
+        tiny = [o for o in tiny if not o.startswith(("data.task", "eval.benchmarks.arithmetic", "rollout.max_new"))]
+        tiny += TINY_MATH  # the data preset picks its own eval preset (math_small): the line runs as written
+    return tiny
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python src/run.py")])
+def test_readme_run_line(command, hf_folder, tmp_path, capsys):
+    words = shlex.split(command)[2:]
+    overrides = _local([w for w in words if w != "-m"], hf_folder, tmp_path)
+    if "-m" in words:
+        jobs = _sweep(overrides)
+        assert len(jobs) > 1, command
+        for index, job in enumerate(jobs):
+            _compose_and_check(job, tmp_path / str(index))
+        return
+    if any(o.startswith("+experiment=") for o in overrides) or "eval=code" in overrides:
+        _compose_and_check(overrides, tmp_path)
+        return
+    tiny = _tiny(overrides) + ["logger=none"]  # the MLflow lines of the summary: tests/test_tracking.py
+    metrics = run(compose([*tiny, *overrides], tmp_path))
+    assert metrics["actor/entropy"] > 0 and metrics["batch/optimizer_steps"] >= 1, metrics
+    assert "Run summary after 2 RL steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("make ")])
+def test_readme_make_line(command):
+    target = shlex.split(command)[1]
+    result = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pip install" in result.stdout  # every README target installs first
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui_options() -> set[str]:
+    """The options of the installed ``mlflow ui`` (its click command, read in-process)."""
+    from mlflow.cli import cli
+
+    command = cli.get_command(None, "ui")  # an alias of `mlflow server` in MLflow 3
+    return {option for param in command.params for option in param.opts}
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("mlflow ")])
+def test_readme_mlflow_line(command, mlflow_ui_options):
+    words = shlex.split(command)
+    assert words[1] == "ui"
+    options = [w for w in words if w.startswith("--")]
+    assert options and set(options) <= mlflow_ui_options, set(options) - mlflow_ui_options
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m steer.tracking")])
+def test_readme_tracking_line(command, tmp_path, capsys):
+    """Re-pointing a copied store prints the exact ``mlflow ui`` line of the copy."""
+    import mlflow
+
+    from steer.tracking import RunFolderMLFlowLogger, ui_command
+    from steer.tracking import main as tracking_main
+
+    original = tmp_path / "outputs" / "run"
+    logger = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=f"sqlite:///{original}/mlflow.db")
+    (original / "f.txt").write_text("figure")
+    logger.experiment.log_artifact(logger.run_id, str(original / "f.txt"), "figures")
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    words = shlex.split(command)
+    assert words[3].startswith("outputs/") and "--ui" not in words  # the README line names a run folder
+    tracking_main([str(copy)])  # what `python -m steer.tracking FOLDER` runs
+    assert capsys.readouterr().out.strip().splitlines()[-1] == ui_command(f"sqlite:///{copy}/mlflow.db")
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.clear()  # this process logged to the original folder: forget that
+    client = mlflow.MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    path = client.download_artifacts(logger.run_id, "figures/f.txt", str(tmp_path / "dl"))
+    assert Path(path).read_text() == "figure"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python experiments/compare.py")])
+def test_readme_compare_line(command, tmp_path, monkeypatch):
+    """The compare line on a small sweep store (two seeds of one method) made by our logger."""
+    from mlflow.entities import Metric, Param
+
+    from experiments.compare import main as compare
+    from steer.tracking import RunFolderMLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/sweep/mlflow.db"
+    for seed in (1, 2):
+        logger = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri, run_name=f"grpo_seed{seed}")
+        logger.experiment.log_batch(logger.run_id, params=[Param("intervention.name", "grpo"), Param("seed", str(seed))],
+                                    metrics=[Metric("reward/accuracy", 0.1 * s * seed, 0, s) for s in range(3)]
+                                    + [Metric("eval/arithmetic/mean_at_4", 0.3 * seed, 0, 2)])
+        logger.finalize("success")
+    words = shlex.split(command)[2:]
+    words[words.index("--tracking-uri") + 1] = uri
+    monkeypatch.chdir(tmp_path)  # --out is relative
+    paths = compare(words)
+    assert {p.name for p in paths} >= {"comparison.md", "accuracy_curves.png"}
+    if "--log-artifacts" in words:
+        import mlflow
+
+        compare(words)  # a second comparison reuses the run
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id])
+        (comparison,) = [r for r in runs if r.data.tags.get("steer.kind") == "comparison"]
+        assert comparison.info.status == "FINISHED" and comparison.info.run_name == "comparison"
+        assert {f.path for f in client.list_artifacts(comparison.info.run_id)} >= {"comparison.md", "accuracy_curves.png"}
+        assert (tmp_path / "sweep" / "artifacts" / comparison.info.run_id / "artifacts" / "comparison.md").is_file()
+        table = (tmp_path / "comparison" / "comparison.md").read_text()
+        assert "| grpo |" in table and "| comparison |" not in table and "(n=2)" in table
+
+
+def test_every_readme_command_has_a_rule():
+    known = ("python src/run.py", "make ", "mlflow ui", "python -m steer.tracking", "python experiments/compare.py")
+    assert [c for c in COMMANDS if not c.startswith(known)] == []
