@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from steer.algo.advantages import ESTIMATORS
 from steer.algo.aggregation import AGGREGATION_MODES
 from steer.algo.kl import KL_ESTIMATORS
+from steer.algo.rollout_correction import ROLLOUT_CORRECTIONS
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,13 @@ class AlgorithmConfig:
     """Max global gradient norm; 0 disables clipping."""
     logprob_chunk_tokens: int = 4096
     """Tokens per output-head chunk when computing log-probs (bounds logits memory)."""
+    rollout_correction: str = "none"
+    """Sampler/trainer mismatch correction: none, token_tis (truncated importance weight per token),
+    seq_mask (drop responses whose mean |log pi_train - log pi_sampler| exceeds the threshold)."""
+    rollout_correction_cap: float = 2.0
+    """token_tis: the truncation level of min(pi_train / pi_sampler, cap) (Yao et al. 2025 use 2)."""
+    rollout_correction_threshold: float = 0.1
+    """seq_mask: the largest mean |log pi_train - log pi_sampler| (nats) of a kept response."""
 
 
 @dataclass
@@ -96,6 +104,23 @@ def _one_of(name: str, value: Any, allowed) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {sorted(allowed)}")
 
 
+def _check_engine_available(cfg: DictConfig) -> None:
+    """An engine class may say why it cannot run here (e.g. vLLM not installed): fail before any model."""
+    target = (cfg.rollout.get("engine") or {}).get("_target_")
+    if not target:
+        return
+    from hydra.utils import get_class
+
+    try:
+        engine_class = get_class(target)
+    except Exception as error:
+        raise ConfigError(f"rollout.engine._target_={target!r} cannot be imported: {error}") from None
+    reason = getattr(engine_class, "unavailable_reason", None)
+    problem = reason() if callable(reason) else None
+    if problem:
+        raise ConfigError(f"rollout.engine={target}: {problem}")
+
+
 def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
     """Validate the trainer's sections; return them as typed objects."""
     algorithm: AlgorithmConfig = _check_section(cfg, "algorithm", AlgorithmConfig)
@@ -103,6 +128,12 @@ def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
     _one_of("algorithm.estimator", algorithm.estimator, ESTIMATORS)
     _one_of("algorithm.loss_aggregation", algorithm.loss_aggregation, AGGREGATION_MODES)
     _one_of("algorithm.kl.estimator", algorithm.kl.estimator, KL_ESTIMATORS)
+    _one_of("algorithm.rollout_correction", algorithm.rollout_correction, ROLLOUT_CORRECTIONS)
+    if not (algorithm.rollout_correction_cap > 0 and algorithm.rollout_correction_threshold >= 0):
+        raise ConfigError(
+            "algorithm.rollout_correction_cap must be > 0 and algorithm.rollout_correction_threshold >= 0; "
+            f"got {algorithm.rollout_correction_cap}, {algorithm.rollout_correction_threshold}"
+        )
     positive = {
         "algorithm.steps": algorithm.steps,
         "algorithm.prompts_per_step": algorithm.prompts_per_step,
@@ -136,6 +167,7 @@ def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
         raise ConfigError(f"algorithm.kl.coef must be >= 0, got {algorithm.kl.coef}")
     if algorithm.lr <= 0:
         raise ConfigError(f"algorithm.lr must be > 0, got {algorithm.lr}")
+    _check_engine_available(cfg)
     if rollout.temperature <= 0 or not 0 < rollout.top_p <= 1:
         raise ConfigError(f"rollout.temperature must be > 0 and rollout.top_p in (0, 1]; got {rollout.temperature}, {rollout.top_p}")
     return algorithm, rollout
