@@ -240,10 +240,12 @@ def test_short_training_run_with_vllm_learns_like_hf_and_logs_the_mismatch(tmp_p
     results = {}
     for engine in ("hf", "vllm"):
         overrides = [
-            *TINY_RUN, f"rollout={engine}", "algorithm.steps=5", "algorithm.n=8", "algorithm.prompts_per_step=8",
-            "algorithm.minibatch_prompts=4", "algorithm.rollout_correction=token_tis", "model.tiny.hidden_size=128",
+            *TINY_RUN, f"rollout={engine}", "algorithm.steps=5", "algorithm.n=8", "algorithm.prompts_per_step=16",
+            "algorithm.minibatch_prompts=8", "algorithm.rollout_correction=token_tis", "model.tiny.hidden_size=128",
+            "model.tiny.num_layers=2",
+            # a policy that is right sometimes (reward variance within groups); 40 tokens fit a worked answer
             "model.warmup.max_steps=400", "model.warmup.eval_every=25", "model.warmup.eval_prompts=64",
-            "model.warmup.batch_size=64", "logger=none", "rollout.max_new_tokens=24",
+            "model.warmup.batch_size=64", "model.warmup.target_accuracy=0.15", "logger=none", "rollout.max_new_tokens=40",
         ]
         cfg = compose(overrides, tmp_path / engine)
         module, _ = build_module(cfg)
@@ -275,5 +277,14 @@ def test_short_training_run_with_vllm_learns_like_hf_and_logs_the_mismatch(tmp_p
             for key in ("rollout/mismatch_abs_mean", "rollout/mismatch_abs_max", "rollout/correction_truncated_share"):
                 assert key in step, (engine, key)
             assert step["rollout/mismatch_abs_max"] < 1e-3, (engine, step["rollout/mismatch_abs_max"])
-        # Both engines' updates move probability towards their better responses, step after step.
-        assert sum(value > 0 for value in values) >= 4, (engine, values)
+        # Both engines' updates move probability towards their better responses on every step that
+        # has a learning signal (a step whose groups all have equal rewards has none: exactly 0).
+        with_signal = [value for value in values if value != 0.0]
+        assert len(with_signal) >= 2 and all(value > 0 for value in with_signal), (engine, values)
+
+
+def test_a_budget_beyond_the_context_length_is_refused_naming_the_knobs(setup):
+    policy, engine = setup
+    prompt = [5] * (policy.config.max_position_embeddings - 4)
+    with pytest.raises(RolloutEngineError, match="rollout.engine.max_model_len"):
+        engine.generate([prompt], SamplingParams(max_new_tokens=8, n=1))

@@ -4,8 +4,9 @@ Life cycle (all inside this class; the trainer only calls the two methods of :cl
 
 1. The first :meth:`VLLMRolloutEngine.sync_weights` writes the policy to a temporary HF model folder
    (``save_pretrained``; config and weights, no tokenizer: prompts go in and responses come out
-   as token ids, ``skip_tokenizer_init``) and starts ``vllm.LLM`` on it, once. On CPU the engine
-   runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with an explicit KV-cache size.
+   as token ids, ``skip_tokenizer_init``) and starts ``vllm.LLM`` on it, once. With one device the
+   engine runs in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); on CPU always
+   with an explicit KV-cache size.
    Starting vLLM re-seeds torch; the caller's RNG state is saved and restored around it.
 2. Every later sync pushes the whole ``state_dict`` — including ``lm_head.weight`` of a model
    with tied embeddings, which vLLM otherwise keeps stale without an error — through
@@ -147,6 +148,15 @@ class VLLMRolloutEngine:
         # are adjacent by construction and each request can carry its own seed, so a seeded run
         # repeats whatever the engine's batching. Prefix caching shares the repeated prompts.
         repeated = [list(ids) for ids in prompt_token_ids for _ in range(params.n)]
+        longest = max(len(ids) for ids in repeated) + params.max_new_tokens
+        if longest > self.llm.model_config.max_model_len:
+            # vLLM would cut such responses short at the context length, unlike the HF engine.
+            raise RolloutEngineError(
+                f"a prompt of {longest - params.max_new_tokens} tokens plus rollout.max_new_tokens="
+                f"{params.max_new_tokens} exceeds the engine's max_model_len={self.llm.model_config.max_model_len}: "
+                "raise rollout.engine.max_model_len (up to the model's context length) or lower "
+                "rollout.max_prompt_length / rollout.max_new_tokens"
+            )
         base_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the trainer's seeded RNG
         requests = []
         for index in range(len(repeated)):
@@ -177,7 +187,7 @@ class VLLMRolloutEngine:
                 rng.restore()
         if self.sleep_level:
             self._sleep()
-        return self._to_batch(repeated, outputs, params.max_new_tokens)
+        return self._to_batch(repeated, outputs)
 
     # ------------------------------------------------------------------ weights
     def push_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -186,7 +196,8 @@ class VLLMRolloutEngine:
         Refuses a set of names that leaves out a tensor the engine was started with: vLLM would
         keep the old one silently (e.g. ``lm_head.weight`` of a tied model).
         """
-        weights = [(name, tensor.detach()) for name, tensor in weights]
+        # With tensor parallelism the workers are other processes: send host copies (slower; untested here).
+        weights = [(name, tensor.detach() if self.tensor_parallel_size == 1 else tensor.detach().cpu()) for name, tensor in weights]
         missing = self.weight_names - {name for name, _ in weights}
         if missing:
             raise WeightSyncError(
@@ -246,8 +257,9 @@ class VLLMRolloutEngine:
         from vllm.platforms import current_platform
 
         self.on_cpu = bool(current_platform.is_cpu())
-        if self.on_cpu:
-            # In-process: starts in seconds and keeps the engine in the trainer's address space.
+        if self.tensor_parallel_size == 1:
+            # In-process: starts in seconds, and the weight push hands over the trainer's tensors
+            # (on the same device) instead of serialising them to an engine process.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         folder = self.model_dir or tempfile.mkdtemp(prefix="steer-vllm-")
         if self.model_dir is None:
@@ -321,7 +333,7 @@ class VLLMRolloutEngine:
             self._probe = torch.randint(0, vocab, (PROBE_LENGTH,), generator=generator).tolist()
         return self._probe
 
-    def _to_batch(self, prompts: list[list[int]], outputs, max_new_tokens: int) -> RolloutBatch:
+    def _to_batch(self, prompts: list[list[int]], outputs) -> RolloutBatch:
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         rows = len(prompts)
         width = max(1, max(len(out.outputs[0].token_ids) for out in outputs))
@@ -333,10 +345,8 @@ class VLLMRolloutEngine:
             response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             if ids:
                 logprobs[row, : len(ids)] = torch.tensor([_logprob_of(sample.logprobs[i], ids[i]) for i in range(len(ids))])
+        # vLLM stops at EOS or at the budget, so a response without EOS is a truncated one.
         response_mask, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
-        lengths = response_mask.sum(-1)
-        # A response without EOS is truncated only when it used the whole budget.
-        truncated = truncated & (lengths >= max_new_tokens)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
