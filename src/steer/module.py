@@ -26,8 +26,8 @@ from steer.algo.aggregation import masked_mean
 from steer.algo.interventions.base import Intervention, PolicyTokens
 from steer.algo.kl import ReferenceKLPenalty
 from steer.algo.logprobs import response_logprobs_and_entropy
-from steer.algo.rollout_correction import RolloutCorrection, mismatch_statistics
 from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
+from steer.algo.rollout_correction import RolloutCorrection, mismatch_statistics
 from steer.config import AlgorithmConfig
 from steer.data.records import PromptRecord
 from steer.rewards.base import Reward, score_safely
