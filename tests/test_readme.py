@@ -89,7 +89,8 @@ def _local(overrides: list[str], hf_folder: Path, tmp_path: Path) -> list[str]:
         key, _, value = item.partition("=")
         if key == "model.path":
             item = f"model.path={hf_folder}"
-        elif key == "checkpoint":
+        elif key == "checkpoint":  # only composed and checked: the start-up check needs the file to exist
+            (tmp_path / "last.ckpt").write_bytes(b"")
             item = f"checkpoint={tmp_path / 'last.ckpt'}"
         out.append(item)
     if "model=hf" in out:
