@@ -137,12 +137,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seed=cfg.seed,
         shuffle=cfg.data.shuffle,
         use_chat_template=cfg.data.use_chat_template,
+        minibatch_prompts=module.algorithm.minibatch_prompts,
     )
     logger = build_logger(cfg)
     tracking_uri = getattr(logger, "_tracking_uri", None) if logger else None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    # The DataModule shards each step's prompts over ranks itself: Lightning must not swap in a
+    # DistributedSampler (it would split whole groups' prompts differently and lose the data order).
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, use_distributed_sampler=False)
     trainer.fit(module, datamodule=datamodule)
     return dict(getattr(module, "last_metrics", {}))
 

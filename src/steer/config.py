@@ -138,4 +138,77 @@ def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
         raise ConfigError(f"algorithm.lr must be > 0, got {algorithm.lr}")
     if rollout.temperature <= 0 or not 0 < rollout.top_p <= 1:
         raise ConfigError(f"rollout.temperature must be > 0 and rollout.top_p in (0, 1]; got {rollout.temperature}, {rollout.top_p}")
+    check_data_parallel(cfg, algorithm)
     return algorithm, rollout
+
+
+# ---------------------------------------------------------------------- data parallelism (DDP / FSDP)
+
+
+def configured_ranks(trainer: Any) -> int | None:
+    """``devices x num_nodes`` of a trainer config, or None when ``devices`` is ``auto`` / ``-1``."""
+    devices = trainer.get("devices", 1) if trainer is not None else 1
+    nodes = int(trainer.get("num_nodes", 1) or 1) if trainer is not None else 1
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices) * nodes
+    return None
+
+
+def check_world_size(algorithm: AlgorithmConfig, ranks: int) -> None:
+    """Each rank takes ``minibatch_prompts / ranks`` whole prompts of every mini-batch (the batch
+    knobs are global), so the number of ranks must divide ``minibatch_prompts``."""
+    if ranks <= 1:
+        return
+    if algorithm.minibatch_prompts % ranks:
+        raise ConfigError(
+            f"algorithm.minibatch_prompts={algorithm.minibatch_prompts} (global: all ranks together) must be "
+            f"divisible by the {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): each rank "
+            "takes an equal share of whole prompts of every mini-batch"
+        )
+    sequences = algorithm.minibatch_prompts // ranks * algorithm.n
+    if algorithm.micro_batch_size is not None and sequences % algorithm.micro_batch_size:
+        raise ConfigError(
+            f"algorithm.micro_batch_size={algorithm.micro_batch_size} must divide each rank's share of a "
+            f"mini-batch: minibatch_prompts / ranks * n = {algorithm.minibatch_prompts} / {ranks} * {algorithm.n} "
+            f"= {sequences} sequences"
+        )
+
+
+def _global_scope_components(cfg: DictConfig) -> list[str]:
+    components = (cfg.get("intervention") or {}).get("components") or {}
+    return [f"intervention.components.{key}" for key, spec in components.items() if spec and spec.get("scope") == "global"]
+
+
+def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: Any = None) -> None:
+    """Start-up checks of a multi-process run: rank divisibility, FSDP's needs, and processes that
+    a launcher started without a data-parallel trainer (no process group would join them)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    trainer = cfg.get("trainer")
+    ranks = configured_ranks(trainer)
+    if ranks is not None:
+        check_world_size(algorithm, ranks)
+    strategy = trainer.get("strategy") if trainer is not None else None
+    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    if "fsdp" in target.lower():
+        if not (cfg.get("model") or {}).get("path"):
+            raise ConfigError(
+                "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "
+                "model (~0.5M parameters), far too small to shard; use trainer=ddp, or set model.path"
+            )
+        if str(trainer.get("accelerator", "auto")) == "cpu":
+            raise ConfigError("trainer=fsdp needs GPUs (Lightning's FSDPStrategy refuses accelerator=cpu); use trainer=ddp on CPU")
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and ranks == 1:
+        scoped = _global_scope_components(cfg)
+        detail = (f"; {', '.join(scoped)} has scope: global, which needs a process group over all ranks" if scoped else "")
+        raise ConfigError(
+            f"the launcher started WORLD_SIZE={launched} processes but trainer.devices x trainer.num_nodes = 1, "
+            f"so no process group joins them and each would train alone on the same prompts{detail}; "
+            f"use trainer=ddp trainer.devices=<processes per node> trainer.num_nodes=<nodes>"
+        )

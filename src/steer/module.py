@@ -27,8 +27,9 @@ from steer.algo.interventions.base import Intervention, PolicyTokens
 from steer.algo.kl import ReferenceKLPenalty
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
-from steer.config import AlgorithmConfig
+from steer.config import AlgorithmConfig, check_world_size
 from steer.data.records import PromptRecord
+from steer.distributed import gather_objects, min_over_ranks, sum_over_ranks
 from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 
@@ -58,21 +59,51 @@ class PhaseTimer:
         self.seconds[f"time/{phase}_s"] = self.seconds.get(f"time/{phase}_s", 0.0) + time.perf_counter() - start
 
 
+SUMMED_SUFFIXES = ("_count", "/tokens", "_sum")
+
+
 class MetricMean:
-    """Token-weighted mean of per-micro-batch metrics."""
+    """Weighted means of metrics over micro-batches, optimiser steps and ranks.
+
+    ``add(metrics, weight)`` accumulates weighted means (e.g. token-weighted); counts and sums
+    (keys ending in ``_count``, ``/tokens`` or ``_sum``) and keys added with ``how="sum"`` add up;
+    ``how="max"`` keeps the largest value.
+    :meth:`reduce_over_ranks` combines every rank's accumulator the same way (one collective), so a
+    data-parallel run reports what one process would over the same global batch.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.kinds: dict[str, str] = {}
 
-    def add(self, metrics: dict[str, torch.Tensor | float], weight: float) -> None:
+    def add(self, metrics: dict[str, torch.Tensor | float], weight: float = 1.0, how: str = "mean") -> None:
         for key, value in metrics.items():
-            if key.endswith("_count"):  # counts add up over the micro-batches of a step
-                self.sums[key] = self.sums.get(key, 0.0) + float(value)
-                self.weights[key] = 1.0
-                continue
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            kind = "sum" if key.endswith(SUMMED_SUFFIXES) else how  # counts add up over micro-batches and ranks
+            self._combine(key, kind, float(value) * weight if kind == "mean" else float(value), weight)
+
+    def _combine(self, key: str, kind: str, value: float, weight: float) -> None:
+        self.kinds[key] = kind
+        if kind == "max":
+            self.sums[key] = max(self.sums.get(key, -float("inf")), value)
+            self.weights[key] = 1.0
+        elif kind == "sum":
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.weights[key] = 1.0
+        else:
+            self.sums[key] = self.sums.get(key, 0.0) + value
             self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def reduce_over_ranks(self) -> "MetricMean":
+        """This accumulator combined over all ranks (itself in one process); every rank gets the result."""
+        gathered = gather_objects((self.sums, self.weights, self.kinds))
+        if len(gathered) == 1:
+            return self
+        reduced = MetricMean()
+        for sums, weights, kinds in gathered:
+            for key, value in sums.items():
+                reduced._combine(key, kinds[key], value, weights[key])
+        return reduced
 
     def result(self) -> dict[str, float]:
         return {key: total / max(self.weights[key], 1e-12) for key, total in self.sums.items()}
@@ -155,12 +186,15 @@ class RLVRModule(L.LightningModule):
     # ------------------------------------------------------------------ the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         algo, timer, n = self.algorithm, PhaseTimer(), self.sampling.n
+        batch = self._same_prompt_count_on_every_rank(batch)
         if not batch.prompt_ids:
             log.warning("step %d: every prompt of the batch was dropped (too long); no update", self.rl_step)
-            self._finish_step({"batch/prompts": 0.0, "batch/dropped_prompts": float(batch.dropped)})
+            empty = MetricMean()
+            empty.add({"batch/prompts": 0.0, "batch/dropped_prompts": float(batch.dropped)}, how="sum")
+            self._finish_step(empty.reduce_over_ranks().result())
             return
 
-        # 1. Rollout: n responses per prompt, adjacent rows per group.
+        # 1. Rollout: n responses per prompt, adjacent rows per group (each rank samples its own prompts).
         with timer("rollout"):
             self.rollout_engine.sync_weights(self.policy)
             rollout = self.rollout_engine.generate(batch.prompt_ids, self.sampling)
@@ -197,32 +231,47 @@ class RLVRModule(L.LightningModule):
                         observer.after_optimizer_step(self, context, rows, index)
                 index += 1
 
-        # 6. Metrics of this RL step.
+        # 6. Metrics of this RL step, reduced over ranks (the update's already are): means weighted by
+        #    samples, tokens or prompts, counts summed, maxima and phase times (the slowest rank) maximised.
         mask = rollout.response_mask
-        metrics = {
-            **update_metrics.result(),
-            **context.metrics,
-            **timer.seconds,
-            "reward/mean": rewards.mean().item(),
-            "reward/accuracy": sum(scored.correct) / len(scored.correct),
-            "reward/error_count": float(scored.num_errors),
-            "reward/timeout_count": float(scored.num_timeouts),
-            **{f"reward/{key}": value for key, value in scored.extra.items()},
-            "actor/entropy": masked_mean(old_entropy, mask).item(),
-            "actor/advantage_abs_mean": masked_mean(advantages.abs().expand_as(mask), mask).item(),
-            "response/length_mean": rollout.response_lengths.float().mean().item(),
-            "response/length_max": rollout.response_lengths.max().item(),
-            "response/truncated_rate": rollout.truncated.float().mean().item(),
-            "batch/zero_variance_group_rate": (rewards.std(-1) == 0).float().mean().item(),
-            "batch/prompts": float(len(batch.prompt_ids)),
-            "batch/dropped_prompts": float(batch.dropped),
-            "batch/optimizer_steps": float(self.optimizer_steps_per_batch),
-            "rollout/sampler_logprob_gap": masked_mean((rollout.sampling_logprobs - old_logprobs).abs(), mask).item(),
-        }
-        self._warn_if_on_policy_interventions_are_inert(metrics)
-        for intervention in self.interventions:
-            intervention.after_rl_step(metrics)
-        self._finish_step(metrics)
+        samples, tokens, prompts = float(mask.shape[0]), float(mask.sum()), float(len(batch.prompt_ids))
+        metrics = MetricMean()
+        metrics.add({**context.metrics, **self._ratio_inert_metric()})
+        metrics.add(timer.seconds, how="max")
+        metrics.add({"response/length_max": rollout.response_lengths.max().item()}, how="max")
+        metrics.add(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/accuracy": sum(scored.correct) / len(scored.correct),
+                **{f"reward/{key}": value for key, value in scored.extra.items()},
+                "response/length_mean": rollout.response_lengths.float().mean().item(),
+                "response/truncated_rate": rollout.truncated.float().mean().item(),
+            },
+            weight=samples,
+        )
+        metrics.add(
+            {
+                "actor/entropy": masked_mean(old_entropy, mask).item(),
+                "actor/advantage_abs_mean": masked_mean(advantages.abs().expand_as(mask), mask).item(),
+                "rollout/sampler_logprob_gap": masked_mean((rollout.sampling_logprobs - old_logprobs).abs(), mask).item(),
+            },
+            weight=tokens,
+        )
+        metrics.add({"batch/zero_variance_group_rate": (rewards.std(-1) == 0).float().mean().item()}, weight=prompts)
+        metrics.add(
+            {
+                "reward/error_count": float(scored.num_errors),
+                "reward/timeout_count": float(scored.num_timeouts),
+                "batch/prompts": prompts,
+                "batch/dropped_prompts": float(batch.dropped),
+            },
+            how="sum",
+        )
+        metrics.add({"batch/optimizer_steps": float(self.optimizer_steps_per_batch)})
+        reduced = {**update_metrics.result(), **metrics.reduce_over_ranks().result()}
+        for intervention in self.interventions:  # every rank sees the same reduced metrics: controllers stay in step
+            intervention.after_rl_step(reduced)
+        self._finish_step(reduced)
 
     def _finish_step(self, metrics: dict[str, float]) -> None:
         self._publish(metrics)
@@ -231,19 +280,24 @@ class RLVRModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs) -> dict[str, float]:
-        """One optimiser step on the sequences ``rows`` of the rollout batch."""
+        """One optimiser step on the sequences ``rows`` of the rollout batch (this rank's share of the
+        mini-batch); the loss is normalised by the mini-batch totals over all ranks."""
         algo = self.algorithm
         optimizer = self.optimizers()
         mask = rollout.response_mask[rows]
+        tokens_all, sequences_all = sum_over_ranks(float(mask.sum().item()), float(len(rows)), device=self.device)
         totals = LossTotals(
-            tokens=float(mask.sum().item()), sequences=float(len(rows)), max_response_length=self.sampling.max_new_tokens
+            tokens=tokens_all,
+            sequences=sequences_all,
+            max_response_length=self.sampling.max_new_tokens,
+            data_parallel_size=self.data_parallel_size,
         )
         # Every micro-batch of a mini-batch is cut to the same width, so that statistics of the whole
         # mini-batch (scope: global) line up with each micro-batch's tokens.
         width = int(rollout.response_lengths[rows].max().clamp(min=1))
         if any(intervention.needs_minibatch_pass for intervention in self.interventions):
             with torch.no_grad():
-                logprobs, entropy = self._forward(rollout, rows, width)
+                logprobs, entropy = self.logprobs_and_entropy(rollout, rows, width)
                 whole = self._tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask)
             begin_minibatch(whole, self.clip, self.interventions)
 
@@ -252,29 +306,58 @@ class RLVRModule(L.LightningModule):
         metrics = MetricMean()
         for start in range(0, len(rows), micro_size):
             micro = rows[start : start + micro_size]
-            logprobs, entropy = self._forward(rollout, micro, width)
+            logprobs, entropy = self.logprobs_and_entropy(rollout, micro, width)
             tokens = self._tokens(micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size])
             loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
+            # The strategy (DDP/FSDP) averages the ranks' gradients during this backward, so after it
+            # every rank holds the gradient of the global mini-batch loss.
             self.manual_backward(loss)
-            micro_metrics["actor/policy_loss"] = loss.detach() * totals.tokens / max(float(tokens.mask.sum()), 1.0)
+            micro_tokens = max(float(tokens.mask.sum()), 1.0)
+            micro_metrics["actor/policy_loss"] = loss.detach() / totals.data_parallel_size * totals.tokens / micro_tokens
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
         max_norm = algo.grad_clip if algo.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         optimizer.step()
         self.lr_schedulers().step()
-        result = metrics.result()
+        result = metrics.reduce_over_ranks().result()
         result["actor/grad_norm"] = float(grad_norm)
         result["actor/lr"] = optimizer.param_groups[0]["lr"]
         return result
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks whose gradients the strategy averages (1 without a trainer or in one process)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _same_prompt_count_on_every_rank(self, batch: PromptBatch) -> PromptBatch:
+        """Every rank must make the same optimiser steps (their collectives pair up): when over-long
+        prompts were dropped on some rank, every rank keeps only as many prompts as the fewest kept,
+        and counts the rest as dropped."""
+        if self.data_parallel_size == 1:
+            return batch
+        keep = min_over_ranks(len(batch.prompt_ids), device=self.device)
+        if keep == len(batch.prompt_ids):
+            return batch
+        dropped = batch.dropped + len(batch.prompt_ids) - keep
+        return PromptBatch(records=batch.records[:keep], prompt_ids=batch.prompt_ids[:keep], dropped=dropped)
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def minibatch_sequences(self) -> int:
+        """Sequences of this rank's share of one mini-batch (``minibatch_prompts`` is global)."""
+        return self.algorithm.minibatch_prompts // self.data_parallel_size * self.sampling.n
+
     def _minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
-        """Row indices of each mini-batch; whole groups stay together."""
-        size = self.algorithm.minibatch_prompts * self.sampling.n
+        """Row indices of each mini-batch (this rank's share); whole groups stay together."""
+        size = self.minibatch_sequences
         return [torch.arange(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
 
-    def _forward(self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None):
-        """Log-probs and entropies ``[len(rows), width]`` of the first ``width`` response positions."""
+    def logprobs_and_entropy(
+        self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the sampled tokens and entropies, both ``[len(rows), width]``, at the first
+        ``width`` response positions of the rollout rows ``rows`` (the policy unless ``model``).
+        Carries gradient unless called under ``torch.no_grad()``."""
         # Select the rows and cut the response first: concatenating the whole batch per micro-batch
         # would copy every sequence once per forward pass.
         input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :width]], dim=1)
@@ -294,17 +377,17 @@ class RLVRModule(L.LightningModule):
 
     def _score_without_grad(self, rollout: RolloutBatch):
         width = rollout.response_ids.shape[1]
-        size = self.algorithm.micro_batch_size or self.algorithm.minibatch_prompts * self.sampling.n
+        size = self.algorithm.micro_batch_size or self.minibatch_sequences
         old_lp, old_ent, ref_lp = [], [], []
         with torch.no_grad():
             for start in range(0, rollout.response_ids.shape[0], size):
                 rows = torch.arange(start, min(start + size, rollout.response_ids.shape[0]))
                 row_width = int(rollout.response_lengths[rows].max().clamp(min=1))
-                logprobs, entropy = self._forward(rollout, rows, row_width)
+                logprobs, entropy = self.logprobs_and_entropy(rollout, rows, row_width)
                 old_lp.append(self._pad_to(logprobs, width))
                 old_ent.append(self._pad_to(entropy, width))
                 if self.reference is not None:
-                    ref_lp.append(self._pad_to(self._forward(rollout, rows, row_width, self.reference)[0], width))
+                    ref_lp.append(self._pad_to(self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0], width))
         mask = rollout.response_mask
         old_logprobs = torch.cat(old_lp) * mask
         old_entropy = torch.cat(old_ent) * mask
@@ -324,10 +407,9 @@ class RLVRModule(L.LightningModule):
             ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
         )
 
-    def _warn_if_on_policy_interventions_are_inert(self, metrics: dict[str, float]) -> None:
+    def _ratio_inert_metric(self) -> dict[str, float]:
         ratio_based = [i.name for i in self.interventions if i.uses_ratio]
         inert = bool(ratio_based) and self.optimizer_steps_per_batch == 1
-        metrics["intervention/ratio_inert"] = float(inert)
         if inert and not self._warned_on_policy:
             self._warned_on_policy = True
             log.warning(
@@ -336,6 +418,7 @@ class RLVRModule(L.LightningModule):
                 "Use algorithm.minibatch_prompts < algorithm.prompts_per_step or algorithm.epochs > 1.",
                 ratio_based,
             )
+        return {"intervention/ratio_inert": float(inert)}
 
     def _publish(self, metrics: dict[str, float]) -> None:
         """Every metric to the loggers at the RL step; reward and entropy to the progress bar."""
@@ -345,6 +428,10 @@ class RLVRModule(L.LightningModule):
             if key in metrics:
                 self.log(name, metrics[key], prog_bar=True, logger=False, batch_size=1)
         self.last_metrics = metrics
+
+    def setup(self, stage: str) -> None:
+        # devices=auto is only resolved now: the batch knobs must divide over the actual ranks.
+        check_world_size(self.algorithm, self.data_parallel_size)
 
     def on_fit_start(self) -> None:
         self.policy.train()  # from_pretrained returns modules in eval mode
