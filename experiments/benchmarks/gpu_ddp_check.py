@@ -92,8 +92,10 @@ def main() -> None:
         folder = args.out / "qwen2_4layer"
         save_small_qwen2(folder)
         common = ["grpo", "--override", f"model.path={folder}", "--override", "trainer.precision=bf16-mixed"]
-        launch(args.out / "fsdp_one", 1, *common)
-        launch(args.out / "fsdp_many", args.devices, *common, "--trainer", "fsdp")
+        # The training step first (no evaluation), then the same run with the evaluation callback,
+        # which generates outside the root FSDP forward (the part most likely to need work).
+        launch(args.out / "fsdp_one", 1, *common, "--no-eval")
+        launch(args.out / "fsdp_many", args.devices, *common, "--trainer", "fsdp", "--no-eval")
         one, many = torch.load(args.out / "fsdp_one" / "grpo.pt"), torch.load(args.out / "fsdp_many" / "grpo.pt")
         for step, (a, b) in enumerate(zip(one["steps"], many["steps"])):
             for key in ("actor/policy_loss", "actor/entropy", "actor/grad_norm", "reward/mean"):
@@ -101,6 +103,13 @@ def main() -> None:
                 ok &= close
                 print(f"FSDP step {step} {key}: 1 GPU {a['metrics'][key]:.6f}, {args.devices} GPUs FSDP {b['metrics'][key]:.6f}: {'ok' if close else 'MISMATCH'}")
         ok &= len(many["steps"]) == 3
+        try:
+            launch(args.out / "fsdp_many_eval", args.devices, *common, "--trainer", "fsdp")
+            evaluated = torch.load(args.out / "fsdp_many_eval" / "grpo.pt")["eval"]
+            print(f"FSDP with evaluation: {len(evaluated)} evaluations, prompts {[m['prompts'] for _, m in evaluated]}")
+        except SystemExit as failure:
+            print(failure)
+            ok = False
     print("ALL OK" if ok else "FAILED")
     raise SystemExit(0 if ok else 1)
 

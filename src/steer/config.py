@@ -183,6 +183,16 @@ def _global_scope_components(cfg: DictConfig) -> list[str]:
     return [f"intervention.components.{key}" for key, spec in components.items() if spec and spec.get("scope") == "global"]
 
 
+def _in_hydra_sweep() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        mode = HydraConfig.get().mode
+    except (ImportError, ValueError):  # composed without @hydra.main
+        return False
+    return mode is not None and mode.name == "MULTIRUN"
+
+
 def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: Any = None) -> None:
     """Start-up checks of a multi-process run: rank divisibility, FSDP's needs, and processes that
     a launcher started without a data-parallel trainer (no process group would join them)."""
@@ -203,6 +213,12 @@ def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: An
             )
         if str(trainer.get("accelerator", "auto")) == "cpu":
             raise ConfigError("trainer=fsdp needs GPUs (Lightning's FSDPStrategy refuses accelerator=cpu); use trainer=ddp on CPU")
+    if ranks is not None and ranks > 1 and _in_hydra_sweep():
+        raise ConfigError(
+            f"a sweep (-m) with {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): Lightning starts "
+            "the other ranks by re-running the command, which cannot re-enter a Hydra sweep; run one command per "
+            "sweep point (README: Several GPUs and nodes)"
+        )
     launched = int(environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and ranks == 1:
         scoped = _global_scope_components(cfg)

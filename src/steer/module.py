@@ -315,14 +315,20 @@ class RLVRModule(L.LightningModule):
             micro_tokens = max(float(tokens.mask.sum()), 1.0)
             micro_metrics["actor/policy_loss"] = loss.detach() / totals.data_parallel_size * totals.tokens / micro_tokens
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
-        max_norm = algo.grad_clip if algo.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        grad_norm = self._clip_gradients(algo.grad_clip if algo.grad_clip > 0 else float("inf"))
         optimizer.step()
         self.lr_schedulers().step()
         result = metrics.reduce_over_ranks().result()
         result["actor/grad_norm"] = float(grad_norm)
         result["actor/lr"] = optimizer.param_groups[0]["lr"]
         return result
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm``; returns the global gradient norm before clipping."""
+        wrapped = self._trainer.strategy.model if self._trainer is not None else None
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: each rank holds a shard; its own method reduces the norm
+            return wrapped.clip_grad_norm_(max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)  # DDP: gradients already averaged
 
     @property
     def data_parallel_size(self) -> int:
@@ -435,6 +441,11 @@ class RLVRModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.policy.train()  # from_pretrained returns modules in eval mode
+        if self.global_rank > 0:
+            # Every rank was seeded alike: without this each would sample its prompts with the same
+            # random numbers. Rank 0 keeps the seed (one process is unchanged); interventions that
+            # select tokens over all ranks use their own generators, seeded alike on every rank.
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
 
     # ------------------------------------------------------------------ checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:

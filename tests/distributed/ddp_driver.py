@@ -131,7 +131,7 @@ def trainer_overrides(devices: int, accelerator: str = "cpu", trainer: str | Non
 
 
 def run_case(case: str, devices: int, out_dir: Path, accelerator: str = "cpu", trainer_preset: str | None = None,
-             extra: list[str] = ()) -> dict | None:
+             extra: list[str] = (), evaluate: bool = True) -> dict | None:
     """Train one case; returns (and saves, on rank 0) what the tests compare."""
     from steer.app import build_evaluation, build_module
     from steer.data.datamodule import PromptDataModule
@@ -145,7 +145,7 @@ def run_case(case: str, devices: int, out_dir: Path, accelerator: str = "cpu", t
                                   cfg.rollout.max_prompt_length, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                   minibatch_prompts=module.algorithm.minibatch_prompts)
     recorder, evaluation = Recorder(), build_evaluation(cfg)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [recorder, evaluation]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + [recorder] + ([evaluation] if evaluate else [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, use_distributed_sampler=False)
     trainer.fit(module, datamodule=datamodule)
     if not trainer.is_global_zero:
@@ -167,10 +167,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--trainer", default=None)
     parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--no-eval", action="store_true", help="leave the evaluation callback out")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for case in args.cases:
-        run_case(case, args.devices, args.out_dir, args.accelerator, args.trainer, args.override)
+        run_case(case, args.devices, args.out_dir, args.accelerator, args.trainer, args.override, not args.no_eval)
 
 
 if __name__ == "__main__":

@@ -288,9 +288,11 @@ class EvaluationCallback(L.Callback):
                 results.append(result)
                 for logger in loggers:
                     logger.log_metrics({f"eval/{benchmark.name}/{k}": v for k, v in metrics.items()}, step=module.rl_step)
+                if rank() != 0:  # every rank holds the gathered result: one rank reports and writes it
+                    continue
                 log.info("eval step %d %s: %s", module.rl_step, benchmark.name,
                          ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "_ci_" not in k))
-                if self.output_file is not None and rank() == 0:  # every rank holds the gathered result
+                if self.output_file is not None:
                     self.output_file.parent.mkdir(parents=True, exist_ok=True)
                     with self.output_file.open("a") as handle:
                         handle.write(json.dumps(asdict(result)) + "\n")
