@@ -2,6 +2,9 @@
 
     python experiments/benchmarks/gpu_ddp_check.py [--out /tmp/gpu_ddp_check] [--devices 2]
 
+With one GPU it runs every launch with one rank (the strategies' code paths, not the comparison
+across ranks).
+
 1. DDP: every case of tests/distributed/ddp_driver.py (grpo, steer / clip_cov / kl_cov with
    scope: global) on 1 GPU and on N GPUs over the same global batch; gradients and parameters after
    each RL step must agree to float32 rounding (TF32 off), and the logged metrics too.
@@ -78,13 +81,18 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--skip-fsdp", action="store_true")
     args = parser.parse_args()
+    if torch.cuda.device_count() < 1:
+        raise SystemExit("needs a GPU")
     if torch.cuda.device_count() < args.devices:
-        raise SystemExit(f"needs {args.devices} GPUs, found {torch.cuda.device_count()}")
+        # One GPU still runs both strategies' code paths (wrapping, NCCL, FSDP units, clipping) with
+        # one rank; the comparison across ranks needs >= 2 GPUs.
+        print(f"only {torch.cuda.device_count()} GPU(s): running DDP and FSDP with {torch.cuda.device_count()} rank(s)")
+        args.devices = torch.cuda.device_count()
     from tests.distributed.ddp_driver import CASES
 
     ok = True
     launch(args.out / "ddp_one", 1)
-    launch(args.out / "ddp_many", args.devices)
+    launch(args.out / "ddp_many", args.devices, "--trainer", "ddp")
     for case in CASES:
         ok &= compare_exact(case, torch.load(args.out / "ddp_one" / f"{case}.pt"), torch.load(args.out / "ddp_many" / f"{case}.pt"))
 
@@ -96,6 +104,7 @@ def main() -> None:
         # which generates outside the root FSDP forward (the part most likely to need work).
         launch(args.out / "fsdp_one", 1, *common, "--no-eval")
         launch(args.out / "fsdp_many", args.devices, *common, "--trainer", "fsdp", "--no-eval")
+        # (with one GPU, "--trainer fsdp" still wraps every decoder layer in FSDP with one rank)
         one, many = torch.load(args.out / "fsdp_one" / "grpo.pt"), torch.load(args.out / "fsdp_many" / "grpo.pt")
         for step, (a, b) in enumerate(zip(one["steps"], many["steps"])):
             for key in ("actor/policy_loss", "actor/entropy", "actor/grad_norm", "reward/mean"):

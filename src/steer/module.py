@@ -309,9 +309,10 @@ class RLVRModule(L.LightningModule):
             logprobs, entropy = self.logprobs_and_entropy(rollout, micro, width)
             tokens = self._tokens(micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size])
             loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
-            # The strategy (DDP/FSDP) averages the ranks' gradients during this backward, so after it
-            # every rank holds the gradient of the global mini-batch loss.
-            self.manual_backward(loss)
+            # The strategy (DDP/FSDP) averages the ranks' gradients in the last micro-batch's backward
+            # (the others accumulate locally), so then every rank holds the global mini-batch gradient.
+            with self._gradient_sync(start + micro_size >= len(rows)):
+                self.manual_backward(loss)
             micro_tokens = max(float(tokens.mask.sum()), 1.0)
             micro_metrics["actor/policy_loss"] = loss.detach() / totals.data_parallel_size * totals.tokens / micro_tokens
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
@@ -322,6 +323,19 @@ class RLVRModule(L.LightningModule):
         result["actor/grad_norm"] = float(grad_norm)
         result["actor/lr"] = optimizer.param_groups[0]["lr"]
         return result
+
+    @contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        """DDP: without ``sync`` the backward only accumulates this rank's gradients (no all-reduce)."""
+        wrapped = self._trainer.strategy.model if self._trainer is not None else None
+        if sync or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            yield
+            return
+        wrapped.require_backward_grad_sync = False  # what DDP.no_sync does; Lightning reads it before each backward
+        try:
+            yield
+        finally:
+            wrapped.require_backward_grad_sync = True
 
     def _clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip to ``max_norm``; returns the global gradient norm before clipping."""

@@ -52,12 +52,14 @@ OVERRIDES = [
 # shares wide enough that Clip-Cov and KL-Cov select many tokens of these short batches.
 CASES = {
     "grpo": ["intervention=grpo"],
-    "steer": ["intervention=steer", "intervention.components.steer.scope=global"],
+    # Micro-batches too: 4 sequences, i.e. 2 per rank's mini-batch share and 4 in one process.
+    "steer": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_size=4"],
     "clip_cov": [
         "intervention=clip_cov", "intervention.components.clip_cov.scope=global", "intervention.components.clip_cov.ratio=0.1",
         "intervention.components.clip_cov.omega_low=-1000", "intervention.components.clip_cov.omega_high=1000",
     ],
-    "kl_cov": ["intervention=kl_cov", "intervention.components.kl_cov.scope=global", "intervention.components.kl_cov.ratio=0.1"],
+    "kl_cov": ["intervention=kl_cov", "intervention.components.kl_cov.scope=global", "intervention.components.kl_cov.ratio=0.1",
+               "algorithm.micro_batch_size=4"],
 }
 
 
