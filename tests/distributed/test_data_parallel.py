@@ -45,9 +45,10 @@ def one_and_two_processes(tmp_path_factory):
     env.pop("WORLD_SIZE", None)
     launch = subprocess.Popen([sys.executable, str(REPO / "tests/distributed/ddp_driver.py"), str(out / "two"), "2"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    os.environ["STEER_CACHE"] = str(out / "cache1")
     try:
-        one = {case: ddp_driver.run_case(case, 1, out / "one") for case in ddp_driver.CASES}
+        with pytest.MonkeyPatch.context() as patch:  # the fixture outlives one test's monkeypatch
+            patch.setenv("STEER_CACHE", str(out / "cache1"))
+            one = {case: ddp_driver.run_case(case, 1, out / "one") for case in ddp_driver.CASES}
         output, _ = launch.communicate(timeout=600)
     finally:
         if launch.poll() is None:
