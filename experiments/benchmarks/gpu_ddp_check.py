@@ -8,10 +8,9 @@ across ranks).
 1. DDP: every case of tests/distributed/ddp_driver.py (grpo, steer / clip_cov / kl_cov with
    scope: global) on 1 GPU and on N GPUs over the same global batch; gradients and parameters after
    each RL step must agree to float32 rounding (TF32 off), and the logged metrics too.
-2. FSDP (trainer=fsdp: full sharding, bf16 mixed precision, activation checkpointing) on N GPUs
-   with a 4-layer Qwen2 saved to a local folder (no hub access needed), against 1 GPU with the
-   same bf16 mixed precision: the step's loss, entropy and gradient norm must agree to bf16 tolerance,
-   and the policy must change.
+2. FSDP (trainer=fsdp: FSDP2 full sharding, activation checkpointing) on N GPUs in float32 against
+   1 GPU, exactly as DDP; then with bf16 mixed precision: loss, entropy and gradient norm within bf16
+   tolerance of float32.
 
 Prints one line per comparison and the wall time of each launch; exits 1 on any failure.
 """
@@ -67,14 +66,6 @@ def compare_exact(case: str, one: dict, many: dict, rtol: float = 1e-4, atol: fl
     return ok
 
 
-def save_small_qwen2(folder: Path) -> None:
-    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
-
-    tokenizer = build_char_tokenizer()
-    build_tiny_policy(tokenizer, hidden_size=256, num_layers=4, num_heads=4).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_ddp_check"))
@@ -97,28 +88,20 @@ def main() -> None:
         ok &= compare_exact(case, torch.load(args.out / "ddp_one" / f"{case}.pt"), torch.load(args.out / "ddp_many" / f"{case}.pt"))
 
     if not args.skip_fsdp:
-        folder = args.out / "qwen2_4layer"
-        save_small_qwen2(folder)
-        common = ["grpo", "--override", f"model.path={folder}", "--override", "trainer.precision=bf16-mixed"]
-        # The training step first (no evaluation), then the same run with the evaluation callback,
-        # which generates outside the root FSDP forward (the part most likely to need work).
-        launch(args.out / "fsdp_one", 1, *common, "--no-eval")
-        launch(args.out / "fsdp_many", args.devices, *common, "--trainer", "fsdp", "--no-eval")
-        # (with one GPU, "--trainer fsdp" still wraps every decoder layer in FSDP with one rank)
-        one, many = torch.load(args.out / "fsdp_one" / "grpo.pt"), torch.load(args.out / "fsdp_many" / "grpo.pt")
+        # float32 FSDP (the fsdp_steer case: STEER scope global, micro-batches, activation
+        # checkpointing) must match 1 GPU exactly, like DDP; then bf16 mixed precision to bf16 tolerance.
+        launch(args.out / "fsdp_one", 1, "fsdp_steer")
+        launch(args.out / "fsdp_many", args.devices, "fsdp_steer", "--trainer", "fsdp")
+        ok &= compare_exact("fsdp_steer", torch.load(args.out / "fsdp_one" / "fsdp_steer.pt"),
+                            torch.load(args.out / "fsdp_many" / "fsdp_steer.pt"))
+        bf16 = ["fsdp_steer", "--trainer", "fsdp", "--override", "trainer.strategy.mixed_precision=bf16"]
+        launch(args.out / "fsdp_bf16", args.devices, *bf16)
+        one, many = torch.load(args.out / "fsdp_one" / "fsdp_steer.pt"), torch.load(args.out / "fsdp_bf16" / "fsdp_steer.pt")
         for step, (a, b) in enumerate(zip(one["steps"], many["steps"])):
-            for key in ("actor/policy_loss", "actor/entropy", "actor/grad_norm", "reward/mean"):
+            for key in ("actor/policy_loss", "actor/entropy", "actor/grad_norm"):
                 close = abs(a["metrics"][key] - b["metrics"][key]) <= 1e-3 + 3e-2 * abs(a["metrics"][key])
                 ok &= close
-                print(f"FSDP step {step} {key}: 1 GPU {a['metrics'][key]:.6f}, {args.devices} GPUs FSDP {b['metrics'][key]:.6f}: {'ok' if close else 'MISMATCH'}")
-        ok &= len(many["steps"]) == 3
-        try:
-            launch(args.out / "fsdp_many_eval", args.devices, *common, "--trainer", "fsdp")
-            evaluated = torch.load(args.out / "fsdp_many_eval" / "grpo.pt")["eval"]
-            print(f"FSDP with evaluation: {len(evaluated)} evaluations, prompts {[m['prompts'] for _, m in evaluated]}")
-        except SystemExit as failure:
-            print(failure)
-            ok = False
+                print(f"FSDP bf16 step {step} {key}: float32 {a['metrics'][key]:.6f}, bf16 {b['metrics'][key]:.6f}: {'ok' if close else 'MISMATCH'}")
     print("ALL OK" if ok else "FAILED")
     raise SystemExit(0 if ok else 1)
 

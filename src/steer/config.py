@@ -205,14 +205,15 @@ def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: An
         check_world_size(algorithm, ranks)
     strategy = trainer.get("strategy") if trainer is not None else None
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
-    if "fsdp" in target.lower():
+    if "fsdp" in target.lower() or "fullysharded" in target.lower():
+        precision = strategy.get("mixed_precision", None) if OmegaConf.is_dict(strategy) else None
+        if precision not in (None, "bf16", "fp16"):
+            raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of null, bf16, fp16")
         if not (cfg.get("model") or {}).get("path"):
             raise ConfigError(
                 "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "
                 "model (~0.5M parameters), far too small to shard; use trainer=ddp, or set model.path"
             )
-        if str(trainer.get("accelerator", "auto")) == "cpu":
-            raise ConfigError("trainer=fsdp needs GPUs (Lightning's FSDPStrategy refuses accelerator=cpu); use trainer=ddp on CPU")
     if ranks is not None and ranks > 1 and _in_hydra_sweep():
         raise ConfigError(
             f"a sweep (-m) with {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): Lightning starts "

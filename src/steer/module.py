@@ -338,11 +338,9 @@ class RLVRModule(L.LightningModule):
             wrapped.require_backward_grad_sync = True
 
     def _clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """Clip to ``max_norm``; returns the global gradient norm before clipping."""
-        wrapped = self._trainer.strategy.model if self._trainer is not None else None
-        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: each rank holds a shard; its own method reduces the norm
-            return wrapped.clip_grad_norm_(max_norm)
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)  # DDP: gradients already averaged
+        """Clip to ``max_norm``; returns the global gradient norm before clipping (DDP: the gradients
+        are already averaged; FSDP: they are sharded tensors whose norm is reduced over ranks)."""
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
 
     @property
     def data_parallel_size(self) -> int:
@@ -448,6 +446,12 @@ class RLVRModule(L.LightningModule):
             if key in metrics:
                 self.log(name, metrics[key], prog_bar=True, logger=False, batch_size=1)
         self.last_metrics = metrics
+
+    def configure_model(self) -> None:
+        # trainer=fsdp: the strategy shards the policy's decoder layers in place (FSDP2).
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.policy)
 
     def setup(self, stage: str) -> None:
         # devices=auto is only resolved now: the batch knobs must divide over the actual ranks.

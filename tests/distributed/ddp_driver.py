@@ -60,7 +60,12 @@ CASES = {
     ],
     "kl_cov": ["intervention=kl_cov", "intervention.components.kl_cov.scope=global", "intervention.components.kl_cov.ratio=0.1",
                "algorithm.micro_batch_size=4"],
+    # FSDP on several ranks (one process: no sharding) with a saved copy of the tiny model, float32
+    # throughout so that it can match exactly; activation checkpointing on.
+    "fsdp_steer": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_size=4",
+                   "model.path=MODEL", "trainer.strategy.mixed_precision=null"],
 }
+TRAINER_OF_CASE = {"fsdp_steer": "fsdp"}  # with more than one device; other cases: ddp
 
 
 class ScriptedRollout:
@@ -98,6 +103,12 @@ class ScriptedRollout:
         return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(response_ids.shape), truncated)
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor (FSDP shards are gathered: every rank must call this)."""
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).clone()
+
+
 class Recorder(L.Callback):
     """Keeps, after every RL step, the reduced metrics, the gradients of its last optimiser step and the parameters."""
 
@@ -106,13 +117,13 @@ class Recorder(L.Callback):
         self.initial: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer, module) -> None:
-        self.initial = {k: p.detach().clone() for k, p in module.policy.named_parameters()}
+        self.initial = {k: _full(p) for k, p in module.policy.named_parameters()}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         self.steps.append({
             "metrics": dict(module.last_metrics),
-            "grads": {k: p.grad.detach().clone() for k, p in module.policy.named_parameters() if p.grad is not None},
-            "params": {k: p.detach().clone() for k, p in module.policy.named_parameters()},
+            "grads": {k: _full(p.grad) for k, p in module.policy.named_parameters() if p.grad is not None},
+            "params": {k: _full(p) for k, p in module.policy.named_parameters()},
             "prompts": [record.prompt for record in batch.records],
         })
 
@@ -138,7 +149,11 @@ def run_case(case: str, devices: int, out_dir: Path, accelerator: str = "cpu", t
     from steer.app import build_evaluation, build_module
     from steer.data.datamodule import PromptDataModule
 
-    cfg = compose([*OVERRIDES, *CASES[case], *trainer_overrides(devices, accelerator, trainer_preset), *extra,
+    preset = trainer_preset or (TRAINER_OF_CASE.get(case) if devices > 1 else None)
+    overrides = [o.replace("MODEL", str(out_dir / "model")) for o in CASES[case]]
+    if preset != "fsdp":
+        overrides = [o for o in overrides if not o.startswith("trainer.strategy.")]
+    cfg = compose([*OVERRIDES, *overrides, *trainer_overrides(devices, accelerator, preset), *extra,
                    "callbacks.progress=null", "callbacks.checkpoint=null", "+trainer.enable_progress_bar=false",
                    "callbacks.entropy_probe.every_n_steps=1", "callbacks.entropy_probe.figures=[]"], out_dir / case)
     module, _ = build_module(cfg)
@@ -159,6 +174,17 @@ def run_case(case: str, devices: int, out_dir: Path, accelerator: str = "cpu", t
     return result
 
 
+def save_model(folder: Path) -> None:
+    """The tiny policy of OVERRIDES, randomly initialised, as a model folder (for model.path)."""
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+
+    if (folder / "config.json").exists():
+        return
+    tokenizer = build_char_tokenizer()
+    build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, num_heads=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def main(argv: list[str]) -> None:
     import argparse
 
@@ -172,6 +198,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--no-eval", action="store_true", help="leave the evaluation callback out")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(args.out_dir / "model")  # before the first fit starts the other ranks
     for case in args.cases:
         run_case(case, args.devices, args.out_dir, args.accelerator, args.trainer, args.override, not args.no_eval)
 

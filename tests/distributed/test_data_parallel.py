@@ -1,5 +1,5 @@
-"""Data parallelism: 2 CPU processes under Lightning DDP (gloo) against 1 process over the same
-global batch, the data order, metric reduction, sharded evaluation and the start-up errors."""
+"""Data parallelism: 2 CPU processes under Lightning DDP and FSDP (gloo) against 1 process over the
+same global batch, the data order, metric reduction, sharded evaluation and the start-up errors."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def one_and_two_processes(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:  # the fixture outlives one test's monkeypatch
             patch.setenv("STEER_CACHE", str(out / "cache1"))
+            ddp_driver.save_model(out / "one" / "model")
             one = {case: ddp_driver.run_case(case, 1, out / "one") for case in ddp_driver.CASES}
         output, _ = launch.communicate(timeout=600)
     finally:
@@ -182,29 +183,28 @@ def test_processes_without_a_process_group_fail_at_start_up(monkeypatch):
     check_config(cfg)  # one process with scope: global is fine: "global" is then the whole mini-batch
 
 
-def test_fsdp_on_the_tiny_model_or_on_cpu_fails_at_start_up():
+def test_fsdp_on_the_tiny_model_fails_at_start_up():
     with pytest.raises(ConfigError, match="too small to shard; use trainer=ddp"):
         check_config(compose([*TINY_RUN, "trainer=fsdp", "trainer.devices=2"]))
-    with pytest.raises(ConfigError, match="trainer=fsdp needs GPUs"):
-        check_config(compose([*TINY_RUN, "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-                              "model.path=some/model"]))
+    check_config(compose([*TINY_RUN, "trainer=fsdp", "trainer.devices=2", "model.path=some/model"]))
 
 
-def test_the_fsdp_config_builds_lightnings_strategy_with_its_knobs():
+def test_the_fsdp_config_builds_the_strategy_with_its_knobs():
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    cfg = compose([*TINY_RUN, "trainer=fsdp", "trainer.strategy.cpu_offload=true",
+    cfg = compose([*TINY_RUN, "trainer=fsdp", "trainer.strategy.cpu_offload=true", "trainer.strategy.mixed_precision=null",
                    "trainer.strategy.layer_class=transformers.models.llama.modeling_llama.LlamaDecoderLayer"])
     strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.cpu_offload.offload_params is True
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
-    assert cfg.trainer.precision == "bf16-mixed"
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy.layer_class, strategy.cpu_offload, strategy.mixed_precision, strategy.activation_checkpointing) == (
+        LlamaDecoderLayer, True, None, True)
+    with pytest.raises(ConfigError, match=r"trainer.strategy.mixed_precision='fp8' is not valid"):
+        check_config(compose([*TINY_RUN, "trainer=fsdp", "model.path=some/model", "trainer.strategy.mixed_precision=fp8"]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs (Lightning's FSDP refuses CPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CPU runs above use gloo)")
 def test_gpu_ddp_and_fsdp_check():
     result = subprocess.run([sys.executable, str(REPO / "experiments/benchmarks/gpu_ddp_check.py")], cwd=REPO,
                             capture_output=True, text=True, timeout=1800)
