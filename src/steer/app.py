@@ -170,6 +170,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seed=cfg.seed,
         shuffle=cfg.data.shuffle,
         use_chat_template=cfg.data.use_chat_template,
+        minibatch_prompts=module.algorithm.minibatch_prompts,
     )
     resume = read_resume_info(cfg.resume) if cfg.get("resume") else None
     logger = build_logger(cfg, resume)
@@ -177,7 +178,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracked_run(logger):  # from here on the MLflow run exists: it must end FINISHED/FAILED/KILLED
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        # The DataModule shards each step's prompts over ranks itself: Lightning must not swap in a
+        # DistributedSampler (it would split whole groups' prompts differently and lose the data order).
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, use_distributed_sampler=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
     return dict(getattr(module, "last_metrics", {}))
 

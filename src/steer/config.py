@@ -535,6 +535,7 @@ def check_config(cfg: DictConfig) -> tuple[AlgorithmConfig, RolloutConfig]:
     check_rollout(rollout)
     for check in STARTUP_CHECKS:
         check(cfg)
+    check_data_parallel(cfg, algorithm)
     return algorithm, rollout
 
 
@@ -562,3 +563,101 @@ def check_prompts_fit(records: Sequence, tokenizer, max_prompt_length: int, use_
         raise ConfigError(f"{knob}={max_prompt_length} is shorter than every one of the first {len(sample)} training "
                           f"prompts (shortest {min(lengths)} tokens, longest {max(lengths)}): the run would train "
                           f"nothing; allowed: an integer >= {min(lengths)}")
+
+
+# ---------------------------------------------------------------------- data parallelism (DDP / FSDP)
+
+
+def configured_ranks(trainer: Any) -> int | None:
+    """``devices x num_nodes`` of a trainer config, or None when ``devices`` is ``auto`` / ``-1``."""
+    devices = trainer.get("devices", 1) if trainer is not None else 1
+    nodes = int(trainer.get("num_nodes", 1) or 1) if trainer is not None else 1
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices) * nodes
+    return None
+
+
+def check_world_size(algorithm: AlgorithmConfig, ranks: int) -> None:
+    """Each rank takes ``minibatch_prompts / ranks`` whole prompts of every mini-batch (the batch
+    knobs are global), so the number of ranks must divide ``minibatch_prompts``."""
+    if ranks <= 1:
+        return
+    if algorithm.minibatch_prompts % ranks:
+        raise ConfigError(
+            f"algorithm.minibatch_prompts={algorithm.minibatch_prompts} (global: all ranks together) must be "
+            f"divisible by the {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): each rank "
+            "takes an equal share of whole prompts of every mini-batch"
+        )
+    sequences = algorithm.minibatch_prompts // ranks * algorithm.n
+    if algorithm.micro_batch_size is not None and sequences % algorithm.micro_batch_size:
+        raise ConfigError(
+            f"algorithm.micro_batch_size={algorithm.micro_batch_size} must divide each rank's share of a "
+            f"mini-batch: minibatch_prompts / ranks * n = {algorithm.minibatch_prompts} / {ranks} * {algorithm.n} "
+            f"= {sequences} sequences"
+        )
+
+
+def _global_scope_components(cfg: DictConfig) -> list[str]:
+    components = (cfg.get("intervention") or {}).get("components") or {}
+    return [f"intervention.components.{key}" for key, spec in components.items() if spec and spec.get("scope") == "global"]
+
+
+def _in_hydra_sweep() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        mode = HydraConfig.get().mode
+    except (ImportError, ValueError):  # composed without @hydra.main
+        return False
+    return mode is not None and mode.name == "MULTIRUN"
+
+
+def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: Any = None) -> None:
+    """Start-up checks of a multi-process run: rank divisibility, FSDP's needs, and processes that
+    a launcher started without a data-parallel trainer (no process group would join them)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    trainer = cfg.get("trainer")
+    ranks = configured_ranks(trainer)
+    if ranks is not None:
+        check_world_size(algorithm, ranks)
+    strategy = trainer.get("strategy") if trainer is not None else None
+    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    if "fsdp" in target.lower() or "fullysharded" in target.lower():
+        precision = strategy.get("mixed_precision", None) if OmegaConf.is_dict(strategy) else None
+        if precision not in (None, "bf16", "fp16"):
+            raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of null, bf16, fp16")
+        if not (cfg.get("model") or {}).get("path"):
+            raise ConfigError(
+                "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "
+                "model (~0.5M parameters), far too small to shard; use trainer=ddp, or set model.path"
+            )
+        engine = str(((cfg.get("rollout") or {}).get("engine") or {}).get("_target_", ""))
+        if engine.endswith("VLLMRolloutEngine"):
+            # The engine starts from save_pretrained and pushes state_dict() tensors; under FSDP both
+            # are shards (DTensors). Gathering them for the engine is not built yet.
+            raise ConfigError(
+                "rollout=vllm with trainer=fsdp: the vLLM engine needs the full weights, which FSDP shards "
+                "over ranks (not supported yet); allowed: trainer=ddp or trainer=default with rollout=vllm, "
+                "or trainer=fsdp with rollout=hf"
+            )
+    if ranks is not None and ranks > 1 and _in_hydra_sweep():
+        raise ConfigError(
+            f"a sweep (-m) with {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): Lightning starts "
+            "the other ranks by re-running the command, which cannot re-enter a Hydra sweep; run one command per "
+            "sweep point (README: Several GPUs and nodes)"
+        )
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and ranks == 1:
+        scoped = _global_scope_components(cfg)
+        detail = (f"; {', '.join(scoped)} has scope: global, which needs a process group over all ranks" if scoped else "")
+        raise ConfigError(
+            f"the launcher started WORLD_SIZE={launched} processes but trainer.devices x trainer.num_nodes = 1, "
+            f"so no process group joins them and each would train alone on the same prompts{detail}; "
+            f"use trainer=ddp trainer.devices=<processes per node> trainer.num_nodes=<nodes>"
+        )

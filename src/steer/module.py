@@ -30,8 +30,9 @@ from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
 from steer.algo.rollout_correction import RolloutCorrection, mismatch_statistics
 from steer.checkpointing import CHECKPOINT_DIR, collect_rng_states, restore_rng_states, save_atomically
-from steer.config import AlgorithmConfig
+from steer.config import AlgorithmConfig, check_world_size
 from steer.data.records import PromptRecord
+from steer.distributed import gather_objects, min_over_ranks, sum_over_ranks
 from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 
@@ -65,21 +66,51 @@ class PhaseTimer:
         self.seconds[f"time/{phase}_s"] = self.seconds.get(f"time/{phase}_s", 0.0) + time.perf_counter() - start
 
 
+SUMMED_SUFFIXES = ("_count", "/tokens", "_sum")
+
+
 class MetricMean:
-    """Token-weighted mean of per-micro-batch metrics."""
+    """Weighted means of metrics over micro-batches, optimiser steps and ranks.
+
+    ``add(metrics, weight)`` accumulates weighted means (e.g. token-weighted); counts and sums
+    (keys ending in ``_count``, ``/tokens`` or ``_sum``) and keys added with ``how="sum"`` add up;
+    ``how="max"`` keeps the largest value.
+    :meth:`reduce_over_ranks` combines every rank's accumulator the same way (one collective), so a
+    data-parallel run reports what one process would over the same global batch.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.kinds: dict[str, str] = {}
 
-    def add(self, metrics: dict[str, torch.Tensor | float], weight: float) -> None:
+    def add(self, metrics: dict[str, torch.Tensor | float], weight: float = 1.0, how: str = "mean") -> None:
         for key, value in metrics.items():
-            if key.endswith("_count"):  # counts add up over the micro-batches of a step
-                self.sums[key] = self.sums.get(key, 0.0) + float(value)
-                self.weights[key] = 1.0
-                continue
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            kind = "sum" if key.endswith(SUMMED_SUFFIXES) else how  # counts add up over micro-batches and ranks
+            self._combine(key, kind, float(value) * weight if kind == "mean" else float(value), weight)
+
+    def _combine(self, key: str, kind: str, value: float, weight: float) -> None:
+        self.kinds[key] = kind
+        if kind == "max":
+            self.sums[key] = max(self.sums.get(key, -float("inf")), value)
+            self.weights[key] = 1.0
+        elif kind == "sum":
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.weights[key] = 1.0
+        else:
+            self.sums[key] = self.sums.get(key, 0.0) + value
             self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def reduce_over_ranks(self) -> "MetricMean":
+        """This accumulator combined over all ranks (itself in one process); every rank gets the result."""
+        gathered = gather_objects((self.sums, self.weights, self.kinds))
+        if len(gathered) == 1:
+            return self
+        reduced = MetricMean()
+        for sums, weights, kinds in gathered:
+            for key, value in sums.items():
+                reduced._combine(key, kinds[key], value, weights[key])
+        return reduced
 
     def result(self) -> dict[str, float]:
         return {key: total / max(self.weights[key], 1e-12) for key, total in self.sums.items()}
@@ -150,6 +181,7 @@ class RLVRModule(L.LightningModule):
         """Optimiser steps skipped for a non-finite loss or gradient, over the whole run."""
         self._consecutive_nonfinite = 0
         self._rng_to_restore: dict | None = None
+        self._reseed_after_restore = False
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -170,12 +202,15 @@ class RLVRModule(L.LightningModule):
     # ------------------------------------------------------------------ the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         algo, timer, n = self.algorithm, PhaseTimer(), self.sampling.n
+        batch = self._same_prompt_count_on_every_rank(batch)
         if not batch.prompt_ids:
             log.warning("step %d: every prompt of the batch was dropped (too long); no update", self.rl_step)
-            self._finish_step({"batch/prompts": 0.0, "batch/dropped_prompts": float(batch.dropped)})
+            empty = MetricMean()
+            empty.add({"batch/prompts": 0.0, "batch/dropped_prompts": float(batch.dropped)}, how="sum")
+            self._finish_step(empty.reduce_over_ranks().result())
             return
 
-        # 1. Rollout: n responses per prompt, adjacent rows per group.
+        # 1. Rollout: n responses per prompt, adjacent rows per group (each rank samples its own prompts).
         with timer("rollout"):
             self.rollout_engine.sync_weights(self.policy)
             rollout = self.rollout_engine.generate(batch.prompt_ids, self.sampling)
@@ -212,32 +247,49 @@ class RLVRModule(L.LightningModule):
                         observer.after_optimizer_step(self, context, rows, index)
                 index += 1
 
-        # 6. Metrics of this RL step.
+        # 6. Metrics of this RL step, reduced over ranks (the update's already are): means weighted by
+        #    samples, tokens or prompts, counts summed, maxima and phase times (the slowest rank) maximised.
         mask = rollout.response_mask
-        metrics = {
-            **update_metrics.result(),
-            **context.metrics,
-            **timer.seconds,
-            "reward/mean": rewards.mean().item(),
-            "reward/accuracy": sum(scored.correct) / len(scored.correct),
-            "reward/error_count": float(scored.num_errors),
-            "reward/timeout_count": float(scored.num_timeouts),
-            **{f"reward/{key}": value for key, value in scored.extra.items()},
-            "actor/entropy": masked_mean(old_entropy, mask).item(),
-            "actor/advantage_abs_mean": masked_mean(advantages.abs().expand_as(mask), mask).item(),
-            "response/length_mean": rollout.response_lengths.float().mean().item(),
-            "response/length_max": rollout.response_lengths.max().item(),
-            "response/truncated_rate": rollout.truncated.float().mean().item(),
-            "batch/zero_variance_group_rate": (rewards.std(-1) == 0).float().mean().item(),
-            "batch/prompts": float(len(batch.prompt_ids)),
-            "batch/dropped_prompts": float(batch.dropped),
-            "batch/optimizer_steps": float(self.optimizer_steps_per_batch),
-            **mismatch_statistics(old_logprobs, rollout.sampling_logprobs, mask),
-        }
-        self._warn_if_on_policy_interventions_are_inert(metrics)
-        for intervention in self.interventions:
-            intervention.after_rl_step(metrics)
-        self._finish_step(metrics)
+        samples, tokens, prompts = float(mask.shape[0]), float(mask.sum()), float(len(batch.prompt_ids))
+        metrics = MetricMean()
+        metrics.add({**context.metrics, **self._ratio_inert_metric()})
+        metrics.add(timer.seconds, how="max")
+        metrics.add({"response/length_max": rollout.response_lengths.max().item()}, how="max")
+        metrics.add(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/accuracy": sum(scored.correct) / len(scored.correct),
+                **{f"reward/{key}": value for key, value in scored.extra.items()},
+                "response/length_mean": rollout.response_lengths.float().mean().item(),
+                "response/truncated_rate": rollout.truncated.float().mean().item(),
+            },
+            weight=samples,
+        )
+        metrics.add(
+            {
+                "actor/entropy": masked_mean(old_entropy, mask).item(),
+                "actor/advantage_abs_mean": masked_mean(advantages.abs().expand_as(mask), mask).item(),
+            },
+            weight=tokens,
+        )
+        mismatch = mismatch_statistics(old_logprobs, rollout.sampling_logprobs, mask)
+        metrics.add({key: value for key, value in mismatch.items() if not key.endswith("_max")}, weight=tokens)
+        metrics.add({key: value for key, value in mismatch.items() if key.endswith("_max")}, how="max")
+        metrics.add({"batch/zero_variance_group_rate": (rewards.std(-1) == 0).float().mean().item()}, weight=prompts)
+        metrics.add(
+            {
+                "reward/error_count": float(scored.num_errors),
+                "reward/timeout_count": float(scored.num_timeouts),
+                "batch/prompts": prompts,
+                "batch/dropped_prompts": float(batch.dropped),
+            },
+            how="sum",
+        )
+        metrics.add({"batch/optimizer_steps": float(self.optimizer_steps_per_batch)})
+        reduced = {**update_metrics.result(), **metrics.reduce_over_ranks().result()}
+        for intervention in self.interventions:  # every rank sees the same reduced metrics: controllers stay in step
+            intervention.after_rl_step(reduced)
+        self._finish_step(reduced)
 
     def _finish_step(self, metrics: dict[str, float]) -> None:
         self._publish(metrics)
@@ -246,19 +298,24 @@ class RLVRModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs) -> dict[str, float]:
-        """One optimiser step on the sequences ``rows`` of the rollout batch."""
+        """One optimiser step on the sequences ``rows`` of the rollout batch (this rank's share of the
+        mini-batch); the loss is normalised by the mini-batch totals over all ranks."""
         algo = self.algorithm
         optimizer = self.optimizers()
         mask = rollout.response_mask[rows]
+        tokens_all, sequences_all = sum_over_ranks(float(mask.sum().item()), float(len(rows)), device=self.device)
         totals = LossTotals(
-            tokens=float(mask.sum().item()), sequences=float(len(rows)), max_response_length=self.sampling.max_new_tokens
+            tokens=tokens_all,
+            sequences=sequences_all,
+            max_response_length=self.sampling.max_new_tokens,
+            data_parallel_size=self.data_parallel_size,
         )
         # Every micro-batch of a mini-batch is cut to the same width, so that statistics of the whole
         # mini-batch (scope: global) line up with each micro-batch's tokens.
         width = int(rollout.response_lengths[rows].max().clamp(min=1))
         if any(intervention.needs_minibatch_pass for intervention in self.interventions):
             with torch.no_grad():
-                logprobs, entropy = self._forward(rollout, rows, width)
+                logprobs, entropy = self.logprobs_and_entropy(rollout, rows, width)
                 whole = self._tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask, rollout.sampling_logprobs)
             begin_minibatch(whole, self.clip, self.interventions)
 
@@ -267,17 +324,20 @@ class RLVRModule(L.LightningModule):
         metrics, loss_sum = MetricMean(), torch.zeros((), device=self.device)
         for start in range(0, len(rows), micro_size):
             micro = rows[start : start + micro_size]
-            logprobs, entropy = self._forward(rollout, micro, width)
+            logprobs, entropy = self.logprobs_and_entropy(rollout, micro, width)
             tokens = self._tokens(
                 micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size], rollout.sampling_logprobs
             )
             loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
-            self.manual_backward(loss)
+            # The strategy (DDP/FSDP) averages the ranks' gradients in the last micro-batch's backward
+            # (the others accumulate locally), so then every rank holds the global mini-batch gradient.
+            with self._gradient_sync(start + micro_size >= len(rows)):
+                self.manual_backward(loss)
             loss_sum += loss.detach()
-            micro_metrics["actor/policy_loss"] = loss.detach() * totals.tokens / max(float(tokens.mask.sum()), 1.0)
+            micro_tokens = max(float(tokens.mask.sum()), 1.0)
+            micro_metrics["actor/policy_loss"] = loss.detach() / totals.data_parallel_size * totals.tokens / micro_tokens
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
-        max_norm = algo.grad_clip if algo.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        grad_norm = self._clip_gradients(algo.grad_clip if algo.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)  # every rank skips, or none
         if finite:
@@ -287,7 +347,7 @@ class RLVRModule(L.LightningModule):
         else:
             optimizer.zero_grad(set_to_none=True)
             self._skip_nonfinite(float(loss_sum), float(grad_norm))
-        result = metrics.result()
+        result = metrics.reduce_over_ranks().result()
         result["actor/grad_norm"] = float(grad_norm)
         result["actor/lr"] = optimizer.param_groups[0]["lr"]
         result["actor/nonfinite_skip_count"] = float(not finite)
@@ -313,14 +373,58 @@ class RLVRModule(L.LightningModule):
                 f"is {path.with_name('last.ckpt')}. Try a lower algorithm.lr or a grad_clip."
             )
 
+    @contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        """DDP: without ``sync`` the backward only accumulates this rank's gradients (no all-reduce)."""
+        wrapped = self._trainer.strategy.model if self._trainer is not None else None
+        if sync or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            yield
+            return
+        wrapped.require_backward_grad_sync = False  # what DDP.no_sync does; Lightning reads it before each backward
+        try:
+            yield
+        finally:
+            wrapped.require_backward_grad_sync = True
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm``; returns the global gradient norm before clipping (DDP: the gradients
+        are already averaged; FSDP: they are sharded tensors whose norm is reduced over ranks)."""
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks whose gradients the strategy averages (1 without a trainer or in one process)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _same_prompt_count_on_every_rank(self, batch: PromptBatch) -> PromptBatch:
+        """Every rank must make the same optimiser steps (their collectives pair up): when over-long
+        prompts were dropped on some rank, every rank keeps only as many prompts as the fewest kept,
+        and counts the rest as dropped."""
+        if self.data_parallel_size == 1:
+            return batch
+        keep = min_over_ranks(len(batch.prompt_ids), device=self.device)
+        if keep == len(batch.prompt_ids):
+            return batch
+        dropped = batch.dropped + len(batch.prompt_ids) - keep
+        return PromptBatch(records=batch.records[:keep], prompt_ids=batch.prompt_ids[:keep], dropped=dropped)
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def minibatch_sequences(self) -> int:
+        """Sequences of this rank's share of one mini-batch (``minibatch_prompts`` is global)."""
+        return self.algorithm.minibatch_prompts // self.data_parallel_size * self.sampling.n
+
     def _minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
-        """Row indices of each mini-batch; whole groups stay together."""
-        size = self.algorithm.minibatch_prompts * self.sampling.n
+        """Row indices of each mini-batch (this rank's share); whole groups stay together."""
+        size = self.minibatch_sequences
         return [torch.arange(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
 
-    def _forward(self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None):
-        """Log-probs and entropies ``[len(rows), width]`` of the first ``width`` response positions."""
+    def logprobs_and_entropy(
+        self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the sampled tokens and entropies, both ``[len(rows), width]``, at the first
+        ``width`` response positions of the rollout rows ``rows`` (the policy unless ``model``).
+        Carries gradient unless called under ``torch.no_grad()``."""
         # Select the rows and cut the response first: concatenating the whole batch per micro-batch
         # would copy every sequence once per forward pass.
         input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :width]], dim=1)
@@ -340,17 +444,17 @@ class RLVRModule(L.LightningModule):
 
     def _score_without_grad(self, rollout: RolloutBatch):
         width = rollout.response_ids.shape[1]
-        size = self.algorithm.micro_batch_size or self.algorithm.minibatch_prompts * self.sampling.n
+        size = self.algorithm.micro_batch_size or self.minibatch_sequences
         old_lp, old_ent, ref_lp = [], [], []
         with torch.no_grad():
             for start in range(0, rollout.response_ids.shape[0], size):
                 rows = torch.arange(start, min(start + size, rollout.response_ids.shape[0]))
                 row_width = int(rollout.response_lengths[rows].max().clamp(min=1))
-                logprobs, entropy = self._forward(rollout, rows, row_width)
+                logprobs, entropy = self.logprobs_and_entropy(rollout, rows, row_width)
                 old_lp.append(self._pad_to(logprobs, width))
                 old_ent.append(self._pad_to(entropy, width))
                 if self.reference is not None:
-                    ref_lp.append(self._pad_to(self._forward(rollout, rows, row_width, self.reference)[0], width))
+                    ref_lp.append(self._pad_to(self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0], width))
         mask = rollout.response_mask
         old_logprobs = torch.cat(old_lp) * mask
         old_entropy = torch.cat(old_ent) * mask
@@ -371,10 +475,9 @@ class RLVRModule(L.LightningModule):
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :width],
         )
 
-    def _warn_if_on_policy_interventions_are_inert(self, metrics: dict[str, float]) -> None:
+    def _ratio_inert_metric(self) -> dict[str, float]:
         ratio_based = [i.name for i in self.interventions if i.uses_ratio]
         inert = bool(ratio_based) and self.optimizer_steps_per_batch == 1
-        metrics["intervention/ratio_inert"] = float(inert)
         if inert and not self._warned_on_policy:
             self._warned_on_policy = True
             log.warning(
@@ -383,6 +486,7 @@ class RLVRModule(L.LightningModule):
                 "Use algorithm.minibatch_prompts < algorithm.prompts_per_step or algorithm.epochs > 1.",
                 ratio_based,
             )
+        return {"intervention/ratio_inert": float(inert)}
 
     def _publish(self, metrics: dict[str, float]) -> None:
         """Every metric to the loggers at the RL step; reward and entropy to the progress bar."""
@@ -393,8 +497,23 @@ class RLVRModule(L.LightningModule):
                 self.log(name, metrics[key], prog_bar=True, logger=False, batch_size=1)
         self.last_metrics = metrics
 
+    def configure_model(self) -> None:
+        # trainer=fsdp: the strategy shards the policy's decoder layers in place (FSDP2).
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.policy)
+
+    def setup(self, stage: str) -> None:
+        # devices=auto is only resolved now: the batch knobs must divide over the actual ranks.
+        check_world_size(self.algorithm, self.data_parallel_size)
+
     def on_fit_start(self) -> None:
         self.policy.train()  # from_pretrained returns modules in eval mode
+        if self.global_rank > 0:
+            # Every rank was seeded alike: without this each would sample its prompts with the same
+            # random numbers. Rank 0 keeps the seed (one process is unchanged); interventions that
+            # select tokens over all ranks use their own generators, seeded alike on every rank.
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
 
     def on_train_start(self) -> None:
         if self.rl_step >= self.algorithm.steps:  # resumed from the final checkpoint: nothing to do
@@ -409,13 +528,17 @@ class RLVRModule(L.LightningModule):
             # Lightning does in between (building loaders and iterators, start hooks) may shift the streams.
             restore_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+            if self._reseed_after_restore:  # a re-sharded resume: keep the ranks' streams apart
+                torch.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank + self.rl_step)
         return None
 
     # ------------------------------------------------------------------ checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
         checkpoint["interventions"] = [i.state_dict() for i in self.interventions]
-        checkpoint["rng"] = collect_rng_states()
+        # Every rank's random generators (ranks sample with their own streams); a collective: Lightning
+        # calls this hook on every rank while saving, and rank 0 writes the file.
+        checkpoint["rng"] = gather_objects(collect_rng_states())
         checkpoint["nonfinite"] = {"skips": self.nonfinite_skips, "consecutive": self._consecutive_nonfinite}
         mlflow = next((logger for logger in self.loggers if hasattr(logger, "run_id") and hasattr(logger, "_tracking_uri")), None)
         if mlflow is not None:  # the run a resume continues (steer.checkpointing.read_resume_info)
@@ -425,7 +548,15 @@ class RLVRModule(L.LightningModule):
         self.rl_step = checkpoint.get("rl_step", 0)
         for intervention, state in zip(self.interventions, checkpoint.get("interventions", [])):
             intervention.load_state_dict(state)
-        self._rng_to_restore = checkpoint.get("rng")
+        states = checkpoint.get("rng")
+        if isinstance(states, dict):  # saved by one process
+            states = [states]
+        if states and len(states) != self.data_parallel_size:
+            log.warning("resuming with %d ranks from a checkpoint of %d: every rank restores rank 0's random "
+                        "state and re-seeds by rank, so the sampled responses differ from an uninterrupted run",
+                        self.data_parallel_size, len(states))
+        self._rng_to_restore = states[self.global_rank] if states and len(states) == self.data_parallel_size else (states or [None])[0]
+        self._reseed_after_restore = bool(states) and len(states) != self.data_parallel_size and self.global_rank > 0
         nonfinite = checkpoint.get("nonfinite", {})
         self.nonfinite_skips = nonfinite.get("skips", 0)
         self._consecutive_nonfinite = nonfinite.get("consecutive", 0)

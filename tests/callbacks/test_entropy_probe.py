@@ -48,7 +48,7 @@ class UniformPolicyModule:
         half = num_sequences // 2
         return [torch.arange(0, half), torch.arange(half, num_sequences)]
 
-    def _forward(self, rollout, rows, width):
+    def logprobs_and_entropy(self, rollout, rows, width):
         shape = (len(rows), width)
         return torch.full(shape, -math.log(self.support)), torch.full(shape, math.log(self.support))
 

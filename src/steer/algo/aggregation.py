@@ -1,9 +1,12 @@
 """Turning a ``[B, T]`` per-token loss into one scalar: the single owner of every normalisation.
 
-With gradient accumulation (and later data parallelism) one mini-batch is split into micro-batches.
-The denominators below are therefore passed in as *mini-batch totals*, so that summing the
-aggregated micro-batch losses gives exactly the aggregate of the whole mini-batch, whatever the
-split. Modes follow the names used by verl and the Dr. GRPO paper (arXiv 2503.20783).
+With gradient accumulation and data parallelism one mini-batch is split into micro-batches and
+over ranks. The denominators below are therefore passed in as *mini-batch totals over all ranks*,
+so that summing the aggregated micro-batch losses of every rank gives exactly the aggregate of the
+whole mini-batch, whatever the split. Data-parallel strategies (DDP, FSDP) *average* the ranks'
+gradients, so each rank's loss is also multiplied by ``data_parallel_size``: the average of the
+ranks' gradients is then the sum, the gradient of the global loss (verl's ``agg_loss`` does the
+same). Modes follow the names used by verl and the Dr. GRPO paper (arXiv 2503.20783).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ def aggregate(
     total_tokens: float | None = None,
     total_sequences: float | None = None,
     max_response_length: int | None = None,
+    data_parallel_size: int = 1,
 ) -> torch.Tensor:
     """Aggregate per-token ``values`` ``[B, T]`` over valid tokens (``mask`` ``[B, T]``).
 
@@ -31,8 +35,13 @@ def aggregate(
         ``seq-mean-token-sum-norm``: ``sum(values) / (total_sequences * max_response_length)``,
             a constant denominator (Dr. GRPO).
 
-    ``total_tokens`` / ``total_sequences`` default to this batch's own counts.
+    ``total_tokens`` / ``total_sequences`` default to this batch's own counts; the result is
+    multiplied by ``data_parallel_size`` (the ranks whose gradients the strategy averages).
     """
+    return data_parallel_size * _aggregate(values, mask, mode, total_tokens, total_sequences, max_response_length)
+
+
+def _aggregate(values, mask, mode, total_tokens, total_sequences, max_response_length) -> torch.Tensor:
     mask = mask.to(values.dtype)
     masked = values * mask
     if total_sequences is None:

@@ -98,9 +98,17 @@ def response_logprobs_and_entropy(
         ``(logprob, entropy)``, each ``[B, R]`` float32 (padding positions hold garbage; mask them).
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    if _fully_sharded(model):
+        # FSDP2: only the root module's own forward gathers its parameters (embeddings, head), and
+        # it keeps them gathered for the head below and the backward; one position of logits.
+        hidden = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            output_hidden_states=True, logits_to_keep=1,
+        ).hidden_states[-1]
+    else:
+        hidden = model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
     # Position t predicts token t + 1: the hidden states at [P - 1, P + R - 1) predict the response.
     hidden = hidden[:, -response_length - 1 : -1]
     head = model.get_output_embeddings()
@@ -112,3 +120,11 @@ def response_logprobs_and_entropy(
         temperature=temperature,
         chunk_tokens=chunk_tokens,
     )
+
+
+def _fully_sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)

@@ -76,11 +76,18 @@ def ppo_token_loss(
 
 @dataclass
 class LossTotals:
-    """Mini-batch totals used as aggregation denominators (see :func:`steer.algo.aggregation.aggregate`)."""
+    """Mini-batch totals used as aggregation denominators (see :func:`steer.algo.aggregation.aggregate`).
+
+    Under data parallelism ``tokens`` and ``sequences`` are the totals over *all* ranks (the caller
+    reduces them), and ``data_parallel_size`` is the number of ranks whose gradients the strategy
+    averages: the rank's loss is multiplied by it, so that the averaged gradient is the gradient
+    of the global mini-batch loss, whatever the number of ranks.
+    """
 
     tokens: float
     sequences: float
     max_response_length: int
+    data_parallel_size: int = 1
 
 
 def begin_minibatch(
@@ -155,6 +162,7 @@ def policy_loss(
         total_tokens=totals.tokens,
         total_sequences=totals.sequences,
         max_response_length=totals.max_response_length,
+        data_parallel_size=totals.data_parallel_size,
     )
     with torch.no_grad():
         metrics.update(

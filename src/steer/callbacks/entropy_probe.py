@@ -170,7 +170,7 @@ class EntropyProbe(L.Callback, StepObserver):
         rows = self._probe_rows(module, context)
         rollout = context.rollout
         width = int(rollout.response_lengths[rows].max().clamp(min=1))
-        logprobs, entropy = module._forward(rollout, rows, width)
+        logprobs, entropy = module.logprobs_and_entropy(rollout, rows, width)
         mask = rollout.response_mask[rows, :width]
         advantages = context.advantages[rows].expand(-1, width)
         old_logprobs = context.old_logprobs[rows, :width]
@@ -184,7 +184,7 @@ class EntropyProbe(L.Callback, StepObserver):
         return _PendingProbe(context.step, rows, width, mask, entropy, predictions, advantages, logprobs)
 
     def _measure(self, module, context: StepContext, pending: _PendingProbe) -> dict[str, float]:
-        _, entropy_after = module._forward(context.rollout, pending.rows, pending.width)
+        _, entropy_after = module.logprobs_and_entropy(context.rollout, pending.rows, pending.width)
         measured = ed.measured_entropy_change(pending.entropy_before, entropy_after, pending.mask)
         valid = pending.mask.bool()
         metrics = {

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.data.prompts import encode_prompts
 from steer.data.records import PromptRecord
+from steer.distributed import gather_objects, rank, world_size
 from steer.eval.metrics import bootstrap_ci, maj_at_k, pass_at_k
 from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import SamplingParams
@@ -213,10 +214,34 @@ def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> Be
     return samples
 
 
+def rank_share(records: Sequence[PromptRecord], rank: int, world_size: int) -> list[PromptRecord]:
+    """The contiguous share of ``records`` that rank ``rank`` of ``world_size`` evaluates."""
+    count = len(records)
+    return list(records[rank * count // world_size : (rank + 1) * count // world_size])
+
+
+def merge_samples(parts: Sequence[BenchmarkSamples]) -> BenchmarkSamples:
+    """The ranks' samples (in rank order) as if one process had sampled every prompt."""
+    answers = None if parts[0].answers is None else [row for part in parts for row in part.answers]
+    return BenchmarkSamples(
+        correct=np.concatenate([part.correct for part in parts]),
+        answers=answers,
+        entropy_sum=sum(part.entropy_sum for part in parts),
+        token_count=sum(part.token_count for part in parts),
+        truncated=sum(part.truncated for part in parts),
+        dropped_prompts=sum(part.dropped_prompts for part in parts),
+    )
+
+
 def evaluate_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> dict[str, float]:
-    """Generate, score and summarise one benchmark with the module's policy and rollout engine."""
+    """Generate, score and summarise one benchmark with the module's policy and rollout engine.
+
+    Under data parallelism every rank samples its own contiguous share of the prompts and the
+    samples are gathered before the summary, so the full set is evaluated once, not once per rank.
+    """
     k = samples_per_prompt(benchmark)
-    samples = sample_benchmark(module, benchmark, max_prompt_length)
+    share = replace(benchmark, records=rank_share(benchmark.records, rank(), world_size()))
+    samples = merge_samples(gather_objects(sample_benchmark(module, share, max_prompt_length)))
     num_prompts = samples.correct.shape[0]
     metrics = {"prompts": float(num_prompts), "dropped_prompts": float(samples.dropped_prompts)}
     if num_prompts == 0:
@@ -263,6 +288,8 @@ class EvaluationCallback(L.Callback):
                 results.append(result)
                 for logger in loggers:
                     logger.log_metrics({f"eval/{benchmark.name}/{k}": v for k, v in metrics.items()}, step=module.rl_step)
+                if rank() != 0:  # every rank holds the gathered result: one rank reports and writes it
+                    continue
                 log.info("eval step %d %s: %s", module.rl_step, benchmark.name,
                          ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "_ci_" not in k))
                 if self.output_file is not None:

@@ -26,6 +26,8 @@ class SummaryCallback(L.Callback):
             self.first_metrics = dict(module.last_metrics)
 
     def on_train_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:  # one summary per run (metrics are already reduced over ranks)
+            return
         console = Console()
         table = Table(title=f"Run summary after {module.rl_step} RL steps")
         table.add_column("quantity")

@@ -1,0 +1,91 @@
+"""Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``) through Lightning's
+:class:`~lightning.pytorch.strategies.ModelParallelStrategy`.
+
+Why not Lightning's ``FSDPStrategy`` (FSDP1): it wraps the whole LightningModule and runs
+``training_step`` inside the root FSDP forward, so a ``manual_backward`` inside the step (we make
+several optimiser steps per RL step) trips FSDP1's state checks (Lightning issues #19626, #19685),
+and generating outside that forward sees sharded weights. FSDP2 shards the policy's own modules in
+place (``configure_model``): every forward gathers a decoder layer's parameters just for that
+layer, every backward reduce-scatters (averages) its gradients, any number of times per step.
+
+Hydra cannot put a Python class into YAML, so the decoder-layer class is named by import path.
+"""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import get_class
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class FullyShardedStrategy(ModelParallelStrategy):
+    """Lightning's model-parallel strategy with all ranks on the data-parallel axis, and the recipe
+    to shard a Hugging Face causal LM (:meth:`shard`, called from ``RLVRModule.configure_model``).
+
+    Args:
+        layer_class: import path of the model's decoder layer; each one becomes an FSDP unit (Qwen2
+            by default; Llama/SmolLM2: ``transformers.models.llama.modeling_llama.LlamaDecoderLayer``).
+        mixed_precision: ``bf16`` / ``fp16``: compute in that dtype, keep float32 parameters and
+            reduce gradients in float32; null: everything in the parameters' dtype.
+        activation_checkpointing: recompute each decoder layer's activations in the backward pass.
+        cpu_offload: keep the sharded parameters, gradients and optimiser state in CPU memory.
+        save_distributed_checkpoint: one file per rank (large models) instead of one gathered file.
+    """
+
+    def __init__(
+        self,
+        layer_class: str = "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
+        mixed_precision: str | None = "bf16",
+        activation_checkpointing: bool = True,
+        cpu_offload: bool = False,
+        save_distributed_checkpoint: bool = False,
+        **kwargs,
+    ) -> None:
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"trainer.strategy.mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.layer_class = get_class(layer_class)
+        self.mixed_precision = mixed_precision
+        self.activation_checkpointing = activation_checkpointing
+        self.cpu_offload = cpu_offload
+
+    def setup_environment(self) -> None:
+        # Every rank on the data-parallel axis (Lightning's "auto" puts the ranks of a node on the
+        # tensor-parallel axis, which plain sharding does not use).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def shard(self, policy: torch.nn.Module) -> None:
+        """Shard ``policy`` in place: each ``layer_class`` module, then the rest (embeddings, head)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        layers = [module for module in policy.modules() if isinstance(module, self.layer_class)]
+        if not layers:
+            raise ValueError(f"trainer.strategy.layer_class={self.layer_class.__name__} matches no module of the "
+                             f"policy ({type(policy).__name__}); set it to the model's decoder layer class")
+        if self.activation_checkpointing:  # newer transformers renamed gradient_checkpointing_enable
+            enable = getattr(policy, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        dtype = MIXED_PRECISION[self.mixed_precision]
+        options = {
+            "mesh": self.device_mesh["data_parallel"],
+            "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy(),
+            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+        }
+        for layer in layers:
+            fully_shard(layer, **options)
+        # The root unit holds the rest (embeddings, final norm, head). FSDP keeps a root gathered after
+        # its forward (it is needed again in backward): the chunked log-prob pass uses the head's
+        # weight right after the forward (steer.algo.logprobs).
+        fully_shard(policy, **options)
+
+
+def fsdp_strategy(**kwargs) -> FullyShardedStrategy:
+    """What ``conf/trainer/fsdp.yaml`` instantiates (see :class:`FullyShardedStrategy`)."""
+    return FullyShardedStrategy(**kwargs)
