@@ -187,6 +187,7 @@ def test_any_local_hf_model_folder_with_its_chat_template(tmp_path):
 def test_over_long_prompts_are_dropped_counted_and_warned_about_once(caplog):
     """Prompts over rollout.max_prompt_length are dropped per batch (a run where every prompt is too
     long is refused at start-up instead: tests/test_startup.py)."""
+    import itertools
     import logging
 
     from steer.data.arithmetic import ArithmeticTask
@@ -198,7 +199,7 @@ def test_over_long_prompts_are_dropped_counted_and_warned_about_once(caplog):
     records = [short, long, long, long, short, long]
     datamodule = PromptDataModule(records, build_char_tokenizer(), 2, 24, seed=0, shuffle=False)
     with caplog.at_level(logging.WARNING):
-        batches = list(datamodule.train_dataloader())
+        batches = list(itertools.islice(datamodule.train_dataloader(), 3))  # the loader is endless: one pass
     assert [(len(b.records), b.dropped) for b in batches] == [(1, 1), (0, 2), (1, 1)]
     assert datamodule.dropped_prompts == 4
     assert sum("dropping training prompts" in m for m in caplog.messages) == 1
