@@ -41,8 +41,8 @@ def _poisoned_run(monkeypatch, poisoned) -> list[PoisonGradient]:
     build = steer.app.build_module
     observers = []
 
-    def build_and_poison(cfg):
-        module, info = build(cfg)
+    def build_and_poison(cfg, prompts=None):
+        module, info = build(cfg, prompts)
         observers.append(PoisonGradient(module, poisoned))
         module.observers.append(observers[-1])
         return module, info

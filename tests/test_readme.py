@@ -32,8 +32,6 @@ from tests.conftest import REPO, TINY_RUN, compose
 
 README = REPO / "README.md"
 
-# GSM8K / DAPO lines: the eval preset that fits them is passed explicitly until the start-up
-# pairing of data and eval presets lands (then the README line must run as written).
 TINY_MATH = [
     "data.train.limit=8",
     "rollout.max_prompt_length=1000",
@@ -109,8 +107,14 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def _compose_and_check(overrides: list[str], tmp_path: Path) -> None:
+    import importlib.util
+
     cfg = compose(overrides, tmp_path)
+    if cfg.rollout.engine._target_.endswith("VLLMRolloutEngine") and importlib.util.find_spec("vllm") is None:
+        cfg = compose([*overrides, "rollout=hf"], tmp_path)  # refused without vLLM (tests/test_app.py); check the rest
     OmegaConf.resolve(cfg)
+    if str(cfg.model.path).startswith("pypi:") and importlib.util.find_spec(str(cfg.model.path)[5:]) is None:
+        return  # an optional package (make install-smollm): check_config names it (tests/test_startup.py)
     check_config(cfg)
 
 
@@ -135,7 +139,10 @@ def test_readme_run_line(command, hf_folder, tmp_path, capsys):
         for index, job in enumerate(jobs):
             _compose_and_check(job, tmp_path / str(index))
         return
-    if any(o.startswith("+experiment=") for o in overrides) or "eval=code" in overrides:
+    # Lines for a GPU, an optional extra or several processes are composed and checked, not run: a
+    # trainer=ddp/fsdp line run in-process would make Lightning re-run pytest itself as rank 1
+    # (tests/distributed/test_recipes.py checks those lines with their launcher's environment).
+    if any(o.startswith(("+experiment=", "trainer=ddp", "trainer=fsdp")) for o in overrides) or "eval=code" in overrides:
         _compose_and_check(overrides, tmp_path)
         return
     tiny = _tiny(overrides) + ["logger=none"]  # the MLflow lines of the summary: tests/test_tracking.py
@@ -212,7 +219,12 @@ def test_readme_compare_line(command, tmp_path, monkeypatch):
                                     + [Metric("eval/arithmetic/mean_at_4", 0.3 * seed, 0, 2)])
         logger.finalize("success")
     words = shlex.split(command)[2:]
-    words[words.index("--tracking-uri") + 1] = uri
+    words = [uri if i and words[i - 1] == "--tracking-uri" else w for i, w in enumerate(words)]
+    if "--select-by" in words:  # the metric a line selects the evaluation by
+        selected = words[words.index("--select-by") + 1]
+        client = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri).experiment
+        for run_info in client.search_runs([client.get_experiment_by_name("steer-lab").experiment_id]):
+            client.log_batch(run_info.info.run_id, metrics=[Metric(selected, 0.1 * s, 0, s) for s in range(3)])
     monkeypatch.chdir(tmp_path)  # --out is relative
     paths = compare(words)
     assert {p.name for p in paths} >= {"comparison.md", "accuracy_curves.png"}
@@ -230,6 +242,18 @@ def test_readme_compare_line(command, tmp_path, monkeypatch):
         assert "| grpo |" in table and "| comparison |" not in table and "(n=2)" in table
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python experiments/paper/reproduce.py")])
+def test_readme_reproduce_line(command, tmp_path, capsys):
+    """The table recipe's line plans its runs (--dry-run); tests/test_reproduce.py runs a table end to end."""
+    from experiments.paper.reproduce import main as reproduce
+
+    reproduce([*shlex.split(command)[2:], "--dry-run", "--out", str(tmp_path)])
+    assert "src/run.py" in capsys.readouterr().out
+
+
 def test_every_readme_command_has_a_rule():
-    known = ("python src/run.py", "make ", "mlflow ui", "python -m steer.tracking", "python experiments/compare.py")
+    known = ("python src/run.py", "make ", "mlflow ui", "python -m steer.tracking", "python experiments/compare.py",
+             "python experiments/paper/reproduce.py",
+             "docker ",  # tests/test_docker.py: image names, volumes, entrypoint; the arguments compose
+             "export ", "torchrun ", "srun ")  # tests/distributed/test_recipes.py, with the launcher's environment
     assert [c for c in COMMANDS if not c.startswith(known)] == []
