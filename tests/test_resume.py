@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from steer.app import train
-from steer.checkpointing import resume_arguments, resolve_resume
+from steer.cli import resume_arguments, resolve_resume
 from steer.config import ConfigError
 from tests.conftest import REPO, TINY_RUN, compose
 

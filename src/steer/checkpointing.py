@@ -5,8 +5,8 @@ callbacks' ``state_dict``): every random generator the run draws from (Python, N
 CUDA; the rollout engines sample from torch's global generator), the RL step counter, the
 interventions' states (Clip-Cov's generator, controllers), and the MLflow run to continue. The
 module and the callbacks store their part in ``on_save_checkpoint``/``state_dict``; this file owns
-the pieces shared between them: RNG capture, atomic writing, and turning ``resume=`` into the saved
-run's own config.
+the pieces shared between them: RNG capture, atomic writing, and what a resumed run reads back
+(``resume=`` on the command line is :mod:`steer.cli`'s).
 
 Everything stored here is a tensor or a plain Python value, so a checkpoint also loads with
 ``torch.load(..., weights_only=True)``.
@@ -22,12 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
+
+from steer.paths import CHECKPOINT_DIR, LAST  # noqa: F401  (where checkpoints live; imported from here too)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.ckpt"
 
 
 # ---------------------------------------------------------------------- random generators
@@ -80,62 +78,6 @@ def save_atomically(trainer, path: str | Path, weights_only: bool = False) -> Pa
             os.close(directory)
     trainer.strategy.barrier("steer_checkpoint")
     return path
-
-
-# ---------------------------------------------------------------------- resume=
-def resolve_resume(target: str | Path) -> tuple[Path, Path]:
-    """``(run folder, checkpoint)`` of ``resume=<run folder or .ckpt file>``.
-
-    A folder means its ``checkpoints/last.ckpt``; a file's run folder is the nearest folder above it
-    holding Hydra's ``.hydra/`` record.
-    """
-    from steer.config import ConfigError
-
-    target = Path(target).expanduser().resolve()
-    if target.is_dir():
-        folder, checkpoint = target, target / CHECKPOINT_DIR / LAST
-    elif target.is_file():
-        checkpoint = target
-        folder = next((parent for parent in target.parents if (parent / ".hydra").is_dir()), target.parent)
-    else:
-        raise ConfigError(f"resume={target}: no such run folder or checkpoint file")
-    if not checkpoint.is_file():
-        raise ConfigError(f"resume={target}: no checkpoint at {checkpoint} (the run saved none yet? "
-                          "see callbacks.checkpoint.every_n_steps)")
-    return folder, checkpoint
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def resume_arguments(arguments: list[str]) -> list[str]:
-    """Rewrite the command line ``[..., resume=X, ...]`` into the saved run's own overrides, its run
-    folder, and the checkpoint; overrides given next to ``resume=`` replace the saved ones of the
-    same key (they are logged, since they can make the resumed run differ from an uninterrupted one).
-    A command line without ``resume=`` (or with ``resume=null``) is returned unchanged."""
-    resume = [a for a in arguments if _key(a) == "resume"]
-    if not resume or resume[-1].split("=", 1)[1] in ("", "null", "None"):
-        return arguments
-    from steer.config import ConfigError
-
-    folder, checkpoint = resolve_resume(resume[-1].split("=", 1)[1])
-    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in arguments):
-        raise ConfigError("resume= continues one run in its own folder: drop -m/--multirun and hydra.run.dir")
-    saved_file = folder / ".hydra" / "overrides.yaml"
-    if not saved_file.is_file():
-        raise ConfigError(f"resume: {saved_file} not found; a run started by src/run.py has it "
-                          "(for a checkpoint alone, pass ckpt_path to Trainer.fit yourself)")
-    saved = [o for o in yaml.safe_load(saved_file.read_text()) or [] if _key(o) != "resume"]
-    flags = [a for a in arguments if a.startswith("-")]
-    extra = [a for a in arguments if not a.startswith("-") and _key(a) != "resume"]
-    replaced = {_key(o) for o in extra}
-    kept = [o for o in saved if _key(o) not in replaced]
-    changed = [o for o in extra if o not in saved]
-    if changed:
-        log.warning("resume: overrides %s change the saved run's config; the continuation is exact only "
-                    "for knobs that do not affect training (e.g. a larger algorithm.steps)", changed)
-    return [*flags, *kept, *extra, f"hydra.run.dir={folder}", f"resume={checkpoint}"]
 
 
 def read_resume_info(checkpoint: str | Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@
   with a traceback or a misleading hint: an override of a key that does not exist (with the knob
   that was probably meant: ``rollout.n`` -> ``algorithm.n``, where Hydra suggests ``+rollout.n``),
   an unknown preset name, and a ``hydra.run.dir`` that cannot be created.
+- :func:`resume_or_exit` turns ``resume=<run folder or .ckpt>`` into the saved run's own overrides,
+  its run folder and the checkpoint (exact resume; docs/configuration.md).
 - :func:`run_task` is the Hydra task: it runs the job and turns a :class:`~steer.config.ConfigError`
   (raised by the start-up checks before any model, MLflow run or output file exists) into one
   line on stderr and exit code 2, after removing the run folder Hydra had just created when it
@@ -17,6 +19,7 @@ reports composition errors itself there; start-up errors are still one line and 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import shutil
@@ -24,7 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from steer.paths import unwritable_folder
+import yaml
+
+from steer.paths import CHECKPOINT_DIR, LAST, unwritable_folder
+
+log = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
 """Exit status of a run refused at start-up (argparse's status for a usage error)."""
@@ -40,12 +47,10 @@ def fail_early(argv: list[str], config_dir: str, config_name: str = "config") ->
 
 
 def resume_or_exit(argv: list[str]) -> list[str]:
-    """``argv`` with ``resume=<run folder or .ckpt>`` rewritten into the saved run's own overrides,
-    folder and checkpoint (:func:`steer.checkpointing.resume_arguments`); a bad ``resume=`` exits
-    with one line on stderr (status 2). A command line without ``resume=`` is returned unchanged."""
+    """``argv`` with ``resume=<run folder or .ckpt>`` rewritten by :func:`resume_arguments`; a bad
+    ``resume=`` exits with one line on stderr (status 2)."""
     if not any(_override_key(arg) == "resume" for arg in argv):
-        return argv
-    from steer.checkpointing import resume_arguments  # imports torch: only when resuming
+        return argv  # the usual start: no import of the config module (and torch) here
     from steer.config import ConfigError
 
     try:
@@ -53,6 +58,57 @@ def resume_or_exit(argv: list[str]) -> list[str]:
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(EXIT_CONFIG_ERROR)
+
+
+def resolve_resume(target: str | Path) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` of ``resume=<run folder or .ckpt file>``.
+
+    A folder means its ``checkpoints/last.ckpt``; a file's run folder is the nearest folder above it
+    holding Hydra's ``.hydra/`` record.
+    """
+    from steer.config import ConfigError
+
+    target = Path(target).expanduser().resolve()
+    if target.is_dir():
+        folder, checkpoint = target, target / CHECKPOINT_DIR / LAST
+    elif target.is_file():
+        checkpoint = target
+        folder = next((parent for parent in target.parents if (parent / ".hydra").is_dir()), target.parent)
+    else:
+        raise ConfigError(f"resume={target}: no such run folder or checkpoint file")
+    if not checkpoint.is_file():
+        raise ConfigError(f"resume={target}: no checkpoint at {checkpoint} (the run saved none yet? "
+                          "see callbacks.checkpoint.every_n_steps)")
+    return folder, checkpoint
+
+
+def resume_arguments(arguments: list[str]) -> list[str]:
+    """Rewrite the command line ``[..., resume=X, ...]`` into the saved run's own overrides, its run
+    folder, and the checkpoint; overrides given next to ``resume=`` replace the saved ones of the
+    same key (they are logged, since they can make the resumed run differ from an uninterrupted one).
+    A command line without ``resume=`` (or with ``resume=null``) is returned unchanged."""
+    resume = [a for a in arguments if _override_key(a) == "resume"]
+    if not resume or resume[-1].split("=", 1)[1] in ("", "null", "None"):
+        return arguments
+    from steer.config import ConfigError
+
+    folder, checkpoint = resolve_resume(resume[-1].split("=", 1)[1])
+    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in arguments):
+        raise ConfigError("resume= continues one run in its own folder: drop -m/--multirun and hydra.run.dir")
+    saved_file = folder / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"resume: {saved_file} not found; a run started by src/run.py has it "
+                          "(for a checkpoint alone, pass ckpt_path to Trainer.fit yourself)")
+    saved = [o for o in yaml.safe_load(saved_file.read_text()) or [] if _override_key(o) != "resume"]
+    flags = [a for a in arguments if a.startswith("-")]
+    extra = [a for a in arguments if not a.startswith("-") and _override_key(a) != "resume"]
+    replaced = {_override_key(o) for o in extra}
+    kept = [o for o in saved if _override_key(o) not in replaced]
+    changed = [o for o in extra if o not in saved]
+    if changed:
+        log.warning("resume: overrides %s change the saved run's config; the continuation is exact only "
+                    "for knobs that do not affect training (e.g. a larger algorithm.steps)", changed)
+    return [*flags, *kept, *extra, f"hydra.run.dir={folder}", f"resume={checkpoint}"]
 
 
 def early_problem(argv: list[str], config_dir: str, config_name: str = "config") -> str | None:

@@ -6,6 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+CHECKPOINT_DIR = "checkpoints"
+"""A run folder's checkpoint folder (``<run folder>/checkpoints``)."""
+LAST = "last.ckpt"
+"""The periodic checkpoint a resumed run continues from."""
+
 
 def unwritable_folder(knob: str, folder: str | Path) -> str | None:
     """Why ``folder`` cannot be created or written, or None. The nearest existing ancestor

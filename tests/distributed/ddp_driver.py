@@ -22,30 +22,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from steer.rollout.base import RolloutBatch, SamplingParams, left_pad  # noqa: E402
+from tests.conftest import TINY_RUN  # noqa: E402
 
-# The embedded default made tiny: 2 optimiser steps per RL step, 2 prompts of each mini-batch per rank.
+# The tests' tiny embedded default (tests/conftest.py), here with 2 optimiser steps per RL step and
+# 2 prompts of each mini-batch per rank.
 OVERRIDES = [
+    *TINY_RUN,
     "algorithm.steps=3",
-    "algorithm.n=4",
     "algorithm.prompts_per_step=8",
     "algorithm.minibatch_prompts=4",
     "rollout.max_new_tokens=16",
-    "model.tiny.hidden_size=32",
-    "model.tiny.num_layers=1",
-    "model.warmup.max_steps=2",
-    "model.warmup.eval_every=2",
-    "model.warmup.eval_prompts=8",
-    "model.warmup.batch_size=8",
     "eval.every_n_steps=2",
     "eval.benchmarks.arithmetic.samples_per_prompt=2",
     "data.task.num_heldout=6",
-    "threads=1",
     "logger=none",
 ]
 # scope: global everywhere (the selections must not depend on how a mini-batch is split); bands and
@@ -154,8 +150,7 @@ def run_case(case: str, devices: int, out_dir: Path, accelerator: str = "cpu", t
     if preset != "fsdp":
         overrides = [o for o in overrides if not o.startswith("trainer.strategy.")]
     cfg = compose([*OVERRIDES, *overrides, *trainer_overrides(devices, accelerator, preset), *extra,
-                   "callbacks.progress=null", "callbacks.checkpoint=null", "+trainer.enable_progress_bar=false",
-                   "callbacks.entropy_probe.every_n_steps=1", "callbacks.entropy_probe.figures=[]"], out_dir / case)
+                   "callbacks.checkpoint=null", "callbacks.entropy_probe.every_n_steps=1", "callbacks.entropy_probe.figures=[]"], out_dir / case)
     module, _ = build_module(cfg)
     module.rollout_engine = ScriptedRollout(module.tokenizer, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
     datamodule = PromptDataModule(instantiate(cfg.data.train), module.tokenizer, module.algorithm.prompts_per_step,

@@ -272,7 +272,7 @@ def hidden_paths() -> list[str]:
     The usual places of secrets and of other people's files, the world-writable directories (so
     nothing the code writes there outlives the run), and, for the trainer's working directory, its
     ``HOME`` and this repository: the directory itself and its top-level directory unless that is a
-    system one (``/work/repo`` hides ``/work``; ``/usr/src/app`` hides only itself).
+    system one (a clone at ``/srv/steer-lab`` hides ``/srv``; ``/usr/src/app`` hides only itself).
     """
     paths = set(_WORLD_WRITABLE) | set(_SENSITIVE)
     for place in (os.getcwd(), os.environ.get("HOME", ""), str(Path(__file__).resolve().parents[3])):
