@@ -457,9 +457,10 @@ def check_logger(cfg: DictConfig) -> None:
     uri = str(_get(cfg, "logger.tracking_uri"))
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        # sqlite:///relative/path and sqlite:////absolute/path (SQLAlchemy form)
-        database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if not database or database == ":memory:":
+        from steer.tracking import store_path  # sqlite:///relative/path and sqlite:////absolute/path
+
+        database = str(store_path(uri) or "")
+        if not database or database in (".", ":memory:"):
             raise ConfigError(f"logger.tracking_uri={uri!r} names no database file; allowed: sqlite:///PATH/mlflow.db")
         _writable_folder("logger.tracking_uri", Path(database).parent)
     elif parsed.scheme in ("http", "https"):

@@ -489,12 +489,9 @@ class RLVRModule(L.LightningModule):
         return {"intervention/ratio_inert": float(inert)}
 
     def _publish(self, metrics: dict[str, float]) -> None:
-        """Every metric to the loggers at the RL step; reward and entropy to the progress bar."""
+        """Every metric to the loggers at the RL step; the progress bar reads ``last_metrics``."""
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.rl_step)
-        for name, key in (("reward", "reward/mean"), ("entropy", "actor/entropy")):
-            if key in metrics:
-                self.log(name, metrics[key], prog_bar=True, logger=False, batch_size=1)
         self.last_metrics = metrics
 
     def configure_model(self) -> None:
