@@ -7,6 +7,7 @@ check that the measured entropy change matches eta * prediction with an error th
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -251,3 +252,132 @@ def test_extension_arguments_are_checked():
         SteerQuantileReweighting(quantile=0.0)
     with pytest.raises(ValueError, match="band"):
         SteerBandReweighting(lower=0.2, upper=0.1)
+
+
+# --------------------------------------------------------------------------- the parameter-space predictor
+
+
+def tiny_float64_policy():
+    """A 1-layer tiny Qwen2 with tied input/output embeddings, in float64, and a fixed batch."""
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+
+    model = build_tiny_policy(build_char_tokenizer(), hidden_size=16, num_layers=1, num_heads=2, seed=3).double()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the case where a tangent could count twice
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):  # Qwen2's norm computes in float32: keep float64 for the difference
+            module.forward = types.MethodType(rms_norm_float64, module)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (3, 9), generator=generator)
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # a left-padded prompt
+    return model, ids, attention
+
+
+def rms_norm_float64(self, hidden: torch.Tensor) -> torch.Tensor:
+    return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def entropy_float64(model, ids, attention) -> torch.Tensor:
+    """Per-state entropy ``[B, T]`` from the model's full logits, float64 throughout."""
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=False).logits
+    return ed.softmax_entropy(logits)
+
+
+def random_direction(model, only: str | None = None) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        name: (torch.randn(p.shape, generator=generator, dtype=p.dtype) if only in (None, name) else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+    }
+
+
+@torch.no_grad()
+def finite_difference(model, ids, attention, direction, eps: float = 1e-5) -> torch.Tensor:
+    """``(H(theta + eps d) - H(theta - eps d)) / 2 eps``, moving the model's own (tied) tensors in place."""
+    params = dict(model.named_parameters())
+    original = {name: p.clone() for name, p in params.items()}
+    results = []
+    for sign in (1.0, -1.0):
+        for name, p in params.items():
+            p.copy_(original[name] + sign * eps * direction[name])
+        results.append(entropy_float64(model, ids, attention))
+    for name, p in params.items():
+        p.copy_(original[name])
+    return (results[0] - results[1]) / (2 * eps)
+
+
+@pytest.mark.parametrize("only", [None, "model.embed_tokens.weight"])
+def test_parameter_space_jvp_equals_finite_difference_and_reverse_mode(only):
+    """One JVP = the central difference along the direction, and = <grad H(s), d> by autograd.grad;
+    moving only the tied embedding checks that its tangent enters both uses, once."""
+    model, ids, attention = tiny_float64_policy()
+    direction = random_direction(model, only)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():  # as the probe calls it: forward mode does not need grad mode
+        entropy, change = ed.parameter_space_entropy_change(
+            model, lambda m: entropy_float64(m, ids, attention), before, direction)
+    reference = finite_difference(model, ids, attention, direction)
+    assert change.shape == (3, 9) and change.abs().max() > 1e-3
+    torch.testing.assert_close(change, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+    torch.testing.assert_close(entropy, entropy_float64(model, ids, attention), rtol=1e-12, atol=1e-12)
+    for b, t in ((1, 4), (0, 8)):
+        state = entropy_float64(model, ids, attention)[b, t]
+        names, params = zip(*model.named_parameters())  # named_parameters lists the tied weight once
+        grads = torch.autograd.grad(state, params, allow_unused=True)
+        reverse = sum((g * direction[n]).sum() for n, g in zip(names, grads) if g is not None)
+        assert float(change[b, t]) == pytest.approx(float(reverse), rel=1e-10, abs=1e-12)
+    # the model's own parameters are untouched by the functional call
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def adam_step_change(lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step (clipping and weight decay on) on a policy-gradient loss of the tiny model:
+    the valid mask, the parameter-space prediction and the measured per-state entropy change."""
+    model, ids, attention = tiny_float64_policy()
+    advantages = torch.tensor([1.0, -0.5, 0.8], dtype=torch.float64)[:, None]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        entropy_before = entropy_float64(model, ids, attention)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits[:, :-1], -1)
+    taken = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (-(advantages * taken * attention[:, 1:]).sum() / attention[:, 1:].sum()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    delta = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    with torch.no_grad():
+        measured = entropy_float64(model, ids, attention) - entropy_before
+        _, change = ed.parameter_space_entropy_change(model, lambda m: entropy_float64(m, ids, attention), before, delta)
+    mask = attention.bool()
+    return mask, ed.parameter_space_prediction(change, mask), ed.measured_entropy_change(entropy_before, entropy_before + measured, mask)
+
+
+def test_parameter_space_predictor_is_first_order_in_the_step():
+    """Exact to first order: near-perfect at a tiny learning rate; its relative error grows like the
+    step (the second-order term over the first), and it is poor at a large learning rate."""
+    results = {}
+    for lr in (1e-6, 1e-5, 3e-2):
+        mask, prediction, measured = adam_step_change(lr)
+        results[lr] = {**ed.compare_prediction(prediction, measured, mask), **ed.absolute_agreement(prediction, measured, mask)}
+    small, large = results[1e-6], results[3e-2]
+    assert small["pearson"] > 0.99999 and small["r2"] > 0.9999 and small["sign_agreement"] == 1.0
+    assert small["scale"] == pytest.approx(1.0, abs=1e-3)  # it predicts nats, not a proportion
+    assert small["relative_error_unscaled"] < 1e-3
+    # Adam's step is ~lr per weight: 10x the step, ~10x the relative error
+    assert 5 < results[1e-5]["relative_error_unscaled"] / small["relative_error_unscaled"] < 20
+    assert large["relative_error_unscaled"] > 100 * small["relative_error_unscaled"]
+    assert large["pearson"] < 0.9 and large["r2"] < 0.5
+
+
+def test_absolute_agreement_hand_values():
+    measured = torch.tensor([[1.0, -1.0, 2.0, 0.0]])
+    predicted = torch.tensor([[1.0, -0.5, 2.0, 9.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    out = ed.absolute_agreement(predicted, measured, mask)
+    # m = (1, -1, 2), mean 2/3, spread 14/3; residual 0.25; |error| 0.5 over |m| 4
+    assert out["r2"] == pytest.approx(1 - 0.25 / (14 / 3))
+    assert out["relative_error_unscaled"] == pytest.approx(0.125)
+    assert ed.absolute_agreement(predicted, torch.zeros_like(measured), mask) == {"r2": pytest.approx(math.nan, nan_ok=True),
+                                                                                   "relative_error_unscaled": pytest.approx(math.nan, nan_ok=True)}

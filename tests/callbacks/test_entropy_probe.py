@@ -77,7 +77,8 @@ def known_context() -> StepContext:
 def test_measured_change_known_answer(optimizer_step, tokens):
     """Uniform over 4 -> uniform over 2 across the probed optimiser step: each valid token -log 2."""
     module, context = UniformPolicyModule(), known_context()
-    probe = EntropyProbe(every_n_steps=1, probe_sequences=8, optimizer_step=optimizer_step, figures=())
+    probe = EntropyProbe(every_n_steps=1, probe_sequences=8, optimizer_step=optimizer_step, figures=(),
+                         parameter_space=False)  # the stand-in has no parameters
     probe.before_update(module, context)
     for index, rows in enumerate(module._minibatch_rows(4)):
         if index == optimizer_step:
@@ -92,14 +93,54 @@ def test_measured_change_known_answer(optimizer_step, tokens):
     assert len(probe.records) == 1 and probe.records[0]["measured"].shape == (tokens,)
 
 
+class LinearPolicyModule(UniformPolicyModule):
+    """The stand-in with a real (tiny) policy whose parameters an optimiser step moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = torch.nn.Linear(2, 2)
+
+
+def test_parameter_space_predictor_turns_itself_off_when_the_jvp_fails(monkeypatch, caplog):
+    """An op without a forward-mode rule must not stop training or the other predictors."""
+    from steer.algo import entropy_dynamics as ed
+
+    def no_forward_mode(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with some_kernel that does not support it")
+
+    monkeypatch.setattr(ed, "parameter_space_entropy_change", no_forward_mode)
+    module, context = LinearPolicyModule(), known_context()
+    probe = EntropyProbe(every_n_steps=1, probe_sequences=8, figures=())
+    probe.before_update(module, context)
+    assert set(probe._pending.params_before) == {"weight", "bias"}  # theta_before, copied
+    assert probe._pending.params_before["weight"].data_ptr() != module.policy.weight.data_ptr()
+    with torch.no_grad():
+        module.policy.weight.add_(1.0)
+    module.support = 2
+    probe.after_optimizer_step(module, context, module._minibatch_rows(4)[0], 0)
+    assert context.metrics["probe/measured_sum"] == pytest.approx(-4 * math.log(2))
+    assert "probe/first_order_omega/scale" in context.metrics
+    assert not any(key.startswith("probe/parameter_space") for key in context.metrics)
+    assert probe.parameter_space is False and "forward-mode JVP failed" in caplog.text
+    assert "parameter_space" not in probe.probe_data() and "probe_summary/tokens" in probe.summary()
+
+
 def test_probe_in_a_tiny_end_to_end_run(tmp_path):
     cfg = compose([*TINY_RUN, "algorithm.steps=2", "intervention=steer_band", "logger=mlflow",
                    "reward._target_=tests.callbacks.test_entropy_probe.AlternatingReward",
                    "callbacks.entropy_probe.every_n_steps=1"], tmp_path)
     metrics = train(cfg)
-    for predictor in ("released_omega", "first_order_omega", "covariance"):
+    for predictor in ("released_omega", "first_order_omega", "covariance", "parameter_space"):
         for key in ("pearson", "spearman", "sign_agreement", "sign_agreement_top10", "scale", "predicted_sum_fitted"):
             assert math.isfinite(metrics[f"probe/{predictor}/{key}"]), (predictor, key)
+    for predictor in ("released_omega", "first_order_omega", "covariance"):
+        assert -1 <= metrics[f"probe/{predictor}/pearson_to_parameter_space"] <= 1
+    for key in ("r2", "relative_error_unscaled", "seconds", "forward_ratio"):
+        assert math.isfinite(metrics[f"probe/parameter_space/{key}"]), key
+    assert metrics["probe/parameter_space/seconds"] > 0
+    # the embedded default's step is small: the first-order change in nats is the measured one, nearly
+    assert metrics["probe/parameter_space/pearson"] > 0.9
+    assert metrics["probe/parameter_space/scale"] == pytest.approx(1.0, abs=0.2)
     for key in ("probe/measured_sum", "quadrant/pos_adv_high_prob/tokens", "quadrant/neg_adv_low_prob/predicted_sum",
                 "entropy/p10", "entropy/p50", "entropy/p90", "entropy/source/arithmetic",
                 "steer_diag/steer_band/weight_mean", "steer_diag/steer_band/removed_share_abs",
@@ -111,7 +152,8 @@ def test_probe_in_a_tiny_end_to_end_run(tmp_path):
     figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert figures == ["accuracy.png", "entropy.png", "predicted_vs_measured.png", "quadrants.png", "steer_weights.png"]
     data = np.load(tmp_path / "entropy_probe" / "probe_data.npz")
-    assert data["measured"].shape == data["covariance"].shape and data["step"].tolist()[0] == 0
+    assert data["measured"].shape == data["covariance"].shape == data["parameter_space"].shape
+    assert data["step"].tolist()[0] == 0
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -119,6 +161,7 @@ def test_probe_in_a_tiny_end_to_end_run(tmp_path):
     artifacts = {a.path for folder in ("figures", "entropy_probe") for a in client.list_artifacts(run.info.run_id, folder)}
     assert "figures/entropy.png" in artifacts and "entropy_probe/probe_data.npz" in artifacts
     assert "probe_summary/first_order_omega/pearson" in run.data.metrics
+    assert math.isfinite(run.data.metrics["probe_summary/parameter_space/r2"])
 
     # the figures of a finished run, redrawn from MLflow alone
     from experiments.plot_run import main as plot_run

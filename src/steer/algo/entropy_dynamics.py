@@ -28,18 +28,36 @@ score: ``prediction = -Omega`` (or ``-C``). Both Omegas are computed by the func
 With all logits free, the exact first-order change of one sampled token's step is
 ``Delta H = -eta * A * [pi_a (log pi_a + H) - sum_v pi_v^2 (log pi_v + H)]``
 (:func:`softmax_first_order_entropy_change`); the single-logit Omega keeps its first term.
+
+The parameter-space predictor
+-----------------------------
+All three ignore that every state's logits depend on the *same* weights, so one token's update
+moves the entropy at every other state too. The exact first-order change of the entropy at state
+``s`` under the actual parameter update ``Delta theta = theta_after - theta_before`` (Adam's step,
+clipping, learning rate and weight decay included) is the directional derivative
+``Delta H(s) ~= <grad_theta H(s), Delta theta>``, taken at ``theta_before``. One forward-mode
+Jacobian-vector product along ``Delta theta`` gives it for every state of a batch at once
+(:func:`parameter_space_entropy_change`). It is not a proportionality: it predicts the change in
+nats, so it is also compared at face value (:func:`absolute_agreement`). Its residual against the
+measured change is the higher-order part of the step; the per-token predictors' disagreement with
+it is the shared-weight coupling they leave out.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Mapping
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from steer.algo.interventions.covariance import covariance_score
 from steer.algo.interventions.steer import first_order_omega, released_omega
 
-PREDICTORS = ("released_omega", "first_order_omega", "covariance")
+PER_TOKEN_PREDICTORS = ("released_omega", "first_order_omega", "covariance")
+PARAMETER_SPACE = "parameter_space"
+PREDICTORS = (*PER_TOKEN_PREDICTORS, PARAMETER_SPACE)
+"""Every predictor the probe can log; ``parameter_space`` is absent from a run that turned it off."""
 QUADRANTS = ("pos_adv_high_prob", "pos_adv_low_prob", "neg_adv_high_prob", "neg_adv_low_prob")
 """``(A > 0 | A < 0) x (pi above | below e^{-H})``; ``high_prob`` means ``log pi + H > 0``."""
 
@@ -97,6 +115,12 @@ def covariance_prediction(advantages: torch.Tensor, logprobs: torch.Tensor, mask
     return -_finite_masked(covariance_score(advantages, logprobs, mask), mask)
 
 
+def parameter_space_prediction(change: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The JVP's ``<grad_theta H, Delta theta>`` ``[B, T]`` as a prediction (float64, 0 on padding and
+    non-finite values); see :func:`parameter_space_entropy_change`."""
+    return _finite_masked(change, mask)
+
+
 def measured_entropy_change(entropy_before: torch.Tensor, entropy_after: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``H_after - H_before`` at the same states ``[B, T]`` (float64, 0 on padding).
 
@@ -104,6 +128,57 @@ def measured_entropy_change(entropy_before: torch.Tensor, entropy_after: torch.T
     before and after the parameter update.
     """
     return _finite_masked(entropy_after.double() - entropy_before.double(), mask)
+
+
+class _CallWith(torch.nn.Module):
+    """``fn(model)`` as the forward of a module that holds ``model`` (under the name ``model``), so that
+    ``torch.func.functional_call`` can substitute the model's parameters for the call."""
+
+    def __init__(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self) -> torch.Tensor:
+        return self.fn(self.model)
+
+
+def parameter_space_entropy_change(
+    model: torch.nn.Module,
+    entropy_of: Callable[[torch.nn.Module], torch.Tensor],
+    params_before: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H(theta_before)`` and ``<grad_theta H, Delta theta>`` at every state, by one forward-mode JVP.
+
+    Args:
+        model: the policy; its own parameters are left untouched (``functional_call`` substitutes).
+        entropy_of: ``model -> [B, T]`` entropy at the states of interest (e.g. the probe's forward).
+        params_before: ``model.named_parameters()`` names (tied weights once, as ``named_parameters``
+            lists them) -> values at ``theta_before``; names not given keep the model's values and
+            get no tangent.
+        delta: the same names -> ``theta_after - theta_before``.
+
+    Returns:
+        ``(entropy, change)``, both ``entropy_of``'s shape: the entropy at ``theta_before`` and its
+        first-order change along ``delta`` (nats; ``[B, T]``).
+
+    Tied weights: ``functional_call`` (``tie_weights=True``) gives every alias of a tied tensor the
+    value, and so the tangent, of its one entry, so a tied embedding's update counts once, in both
+    of its uses. Attention runs on the math SDPA backend: the fused CPU/GPU kernels have no
+    forward-mode derivative (PyTorch 2.13), the math backend is plain matmul/softmax.
+    """
+    names = list(params_before)
+    wrapped = _CallWith(model, entropy_of)
+
+    def entropy_at(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(wrapped, {f"model.{name}": values[name] for name in names}, ())
+
+    primals = {name: params_before[name] for name in names}
+    tangents = {name: delta[name].to(params_before[name].dtype) for name in names}
+    with sdpa_kernel([SDPBackend.MATH]):
+        entropy, change = torch.func.jvp(entropy_at, (primals,), (tangents,))
+    return entropy, change
 
 
 # --------------------------------------------------------------------------- exact softmax references
@@ -209,6 +284,23 @@ def compare_prediction(predicted: torch.Tensor, measured: torch.Tensor, mask: to
         "predicted_sum_raw": float(p.sum()),
         "predicted_sum_fitted": scale * float(p.sum()),
         "relative_error": float((scale * p - m).abs().sum()) / measured_abs if measured_abs > 0 else math.nan,
+    }
+
+
+def absolute_agreement(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How close a prediction *in nats* (no fitted scale) gets to the measured change.
+
+    Returns ``r2`` (``1 - sum (m - p)^2 / sum (m - mean m)^2``: the share of the measured change's
+    variance the prediction explains at face value; 1 is exact, <= 0 no better than the mean) and
+    ``relative_error_unscaled`` (``sum |p - m| / sum |m|``).
+    """
+    valid = mask.bool()
+    p, m = predicted[valid].double(), measured[valid].double()
+    spread = float(((m - m.mean()) ** 2).sum()) if m.numel() else 0.0
+    measured_abs = float(m.abs().sum())
+    return {
+        "r2": 1.0 - float(((m - p) ** 2).sum()) / spread if spread > 0 else math.nan,
+        "relative_error_unscaled": float((p - m).abs().sum()) / measured_abs if measured_abs > 0 else math.nan,
     }
 
 

@@ -6,7 +6,10 @@ module in ``setup``). What it logs, into the step's metrics (names in docs/metri
 - every ``every_n_steps`` RL steps, on ``probe_sequences`` sampled sequences of the mini-batch that
   optimiser step ``optimizer_step`` trains on: the entropy at every response state before that
   optimiser step and at the same states after it; the measured per-token change is compared with
-  the three predictors of :mod:`steer.algo.entropy_dynamics` (``probe/<predictor>/...``);
+  the three per-token predictors of :mod:`steer.algo.entropy_dynamics` and the parameter-space
+  predictor ``<grad_theta H(s), Delta theta>`` of the actual update, one forward-mode JVP over the
+  probed states (``probe/<predictor>/...``; it keeps one copy of the parameters from just before the
+  probed optimiser step until just after it);
 - every step, from tensors the RL step already has (no forward pass): quadrant statistics
   (``quadrant/...``), entropy quantiles and entropy per data source (``entropy/...``), and for
   every STEER-type intervention, why its weights do or do not act (``steer_diag/<name>/...``);
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -70,6 +74,8 @@ class _PendingProbe:
     predictions: dict[str, torch.Tensor]
     advantages: torch.Tensor
     logprobs: torch.Tensor
+    params_before: dict[str, torch.Tensor] | None = None
+    """A copy of the trainable parameters before the probed step (parameter-space predictor only)."""
 
 
 class EntropyProbe(L.Callback, StepObserver):
@@ -84,6 +90,8 @@ class EntropyProbe(L.Callback, StepObserver):
         figures: names from :data:`FIGURES` to draw at the end (empty: none).
         output_dir: run folder for ``figures/`` and ``entropy_probe/`` (None: MLflow only).
         seed: seeds the choice of probe sequences.
+        parameter_space: also log the parameter-space predictor (one JVP per probe, and one copy of
+            the trainable parameters held across the probed optimiser step).
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class EntropyProbe(L.Callback, StepObserver):
         figures: Sequence[str] = FIGURES,
         output_dir: str | None = None,
         seed: int = 0,
+        parameter_space: bool = True,
     ) -> None:
         if every_n_steps < 0 or probe_sequences < 1 or optimizer_step < 0:
             raise ValueError(
@@ -115,6 +124,7 @@ class EntropyProbe(L.Callback, StepObserver):
         self.figures = tuple(figures)
         self.output_dir = Path(output_dir) if output_dir else None
         self.seed = seed
+        self.parameter_space = parameter_space
         self._pending: _PendingProbe | None = None
         self._probe_this_step = False
         self.records: list[dict[str, np.ndarray]] = []
@@ -181,26 +191,44 @@ class EntropyProbe(L.Callback, StepObserver):
             "first_order_omega": ed.first_order_omega_prediction(advantages, ppo.ratio, ppo.clipped, logprobs, entropy, mask),
             "covariance": ed.covariance_prediction(advantages, logprobs, mask),
         }
-        return _PendingProbe(context.step, rows, width, mask, entropy, predictions, advantages, logprobs)
+        params_before = None
+        if self.parameter_space:  # theta_before: the point the update starts from
+            params_before = {name: p.detach().clone() for name, p in module.policy.named_parameters() if p.requires_grad}
+        return _PendingProbe(context.step, rows, width, mask, entropy, predictions, advantages, logprobs, params_before)
 
     def _measure(self, module, context: StepContext, pending: _PendingProbe) -> dict[str, float]:
+        started = time.perf_counter()
         _, entropy_after = module.logprobs_and_entropy(context.rollout, pending.rows, pending.width)
+        forward_seconds = time.perf_counter() - started
         measured = ed.measured_entropy_change(pending.entropy_before, entropy_after, pending.mask)
         valid = pending.mask.bool()
-        metrics = {
+        predictions = dict(pending.predictions)
+        metrics: dict[str, float] = {}
+        if pending.params_before is not None:
+            metrics.update(self._parameter_space(module, context, pending, predictions, forward_seconds))
+        pending.params_before = None  # free the copy before the next optimiser step
+        metrics.update({
             "probe/tokens": float(valid.sum()),
             "probe/measured_sum": float(measured[valid].sum()),
             "probe/measured_abs_mean": float(measured[valid].abs().mean()) if bool(valid.any()) else math.nan,
-        }
+        })
         # States of tokens with zero advantage get no update of their own: what they move measures the
         # spill-over of the other tokens' updates through the shared weights (no predictor models it).
         spill = valid & (pending.advantages == 0)
         if bool(spill.any()):
             metrics["probe/zero_adv_measured_abs_mean"] = float(measured[spill].abs().mean())
-        for name, prediction in pending.predictions.items():
+        for name, prediction in predictions.items():
             for key, value in ed.compare_prediction(prediction, measured, pending.mask).items():
                 metrics[f"probe/{name}/{key}"] = value
-        record = {name: prediction[valid].float().cpu().numpy() for name, prediction in pending.predictions.items()}
+        exact = predictions.get(ed.PARAMETER_SPACE)
+        if exact is not None:
+            # Face value (no fitted scale): what is left is the step's higher-order part; and how far each
+            # per-token predictor is from the exact first-order change (the shared-weight coupling it ignores).
+            for key, value in ed.absolute_agreement(exact, measured, pending.mask).items():
+                metrics[f"probe/{ed.PARAMETER_SPACE}/{key}"] = value
+            for name in ed.PER_TOKEN_PREDICTORS:
+                metrics[f"probe/{name}/pearson_to_parameter_space"] = ed.pearson(predictions[name][valid], exact[valid])
+        record = {name: prediction[valid].float().cpu().numpy() for name, prediction in predictions.items()}
         record["measured"] = measured[valid].float().cpu().numpy()
         record["advantage"] = pending.advantages[valid].float().cpu().numpy()
         record["logprob"] = pending.logprobs[valid].float().cpu().numpy()
@@ -208,6 +236,32 @@ class EntropyProbe(L.Callback, StepObserver):
         record["step"] = np.full(int(valid.sum()), pending.step, dtype=np.int64)
         self.records.append(record)
         return metrics
+
+    def _parameter_space(self, module, context: StepContext, pending: _PendingProbe,
+                         predictions: dict[str, torch.Tensor], forward_seconds: float) -> dict[str, float]:
+        """Adds the parameter-space prediction to ``predictions``; returns its cost metrics."""
+        rollout, rows, width = context.rollout, pending.rows, pending.width
+        before = pending.params_before
+        live = dict(module.policy.named_parameters())
+        delta = {name: live[name].detach() - value for name, value in before.items()}  # Adam's actual step
+
+        def entropy_of(model: torch.nn.Module) -> torch.Tensor:
+            return module.logprobs_and_entropy(rollout, rows, width, model=model)[1]
+
+        started = time.perf_counter()
+        try:
+            _, change = ed.parameter_space_entropy_change(module.policy, entropy_of, before, delta)
+        except (NotImplementedError, RuntimeError) as error:  # e.g. an op without a forward-mode rule
+            log.warning("entropy_probe: the parameter-space predictor is off for the rest of the run, its "
+                        "forward-mode JVP failed: %s", error)
+            self.parameter_space = False
+            return {}
+        seconds = time.perf_counter() - started
+        predictions[ed.PARAMETER_SPACE] = ed.parameter_space_prediction(change, pending.mask)
+        return {
+            f"probe/{ed.PARAMETER_SPACE}/seconds": seconds,
+            f"probe/{ed.PARAMETER_SPACE}/forward_ratio": seconds / forward_seconds if forward_seconds > 0 else math.nan,
+        }
 
     # ------------------------------------------------------------------ per-step statistics
     @staticmethod
@@ -314,8 +368,10 @@ class EntropyProbe(L.Callback, StepObserver):
         """Per-token probe data of every probe step, concatenated (the scatter's input)."""
         data: dict[str, np.ndarray] = {}
         if self.records:
+            # a key missing from some probe (the parameter-space predictor turned off mid-run) is left out
             for key in self.records[0]:
-                data[key] = np.concatenate([record[key] for record in self.records])
+                if all(key in record for record in self.records):
+                    data[key] = np.concatenate([record[key] for record in self.records])
         for name, chunks in self.steer_weights.items():
             data[f"steer_weights/{name}"] = np.concatenate(chunks)
         return data
@@ -329,9 +385,12 @@ class EntropyProbe(L.Callback, StepObserver):
         steps = data["step"]
         measured_sums = np.array([data["measured"][steps == s].sum() for s in np.unique(steps)], dtype=np.float64)
         metrics: dict[str, float] = {"probe_summary/tokens": float(measured.numel())}
-        for name in ed.PREDICTORS:
+        for name in (name for name in ed.PREDICTORS if name in data):
             predicted = torch.from_numpy(data[name]).double()
             stats = ed.compare_prediction(predicted, measured, torch.ones_like(measured, dtype=torch.bool))
+            if name == ed.PARAMETER_SPACE:
+                for key, value in ed.absolute_agreement(predicted, measured, torch.ones_like(measured, dtype=torch.bool)).items():
+                    metrics[f"probe_summary/{name}/{key}"] = value
             for key in ("pearson", "spearman", "sign_agreement", "pearson_top10", "sign_agreement_top10", "scale",
                         "relative_error"):
                 metrics[f"probe_summary/{name}/{key}"] = stats[key]
@@ -460,9 +519,10 @@ def write_figures(
         save(fig, "accuracy")
     if "scatter" in which and "measured" in probe_data and len(probe_data["measured"]):
         measured = np.asarray(probe_data["measured"], dtype=np.float64)
-        fig, axes = plt.subplots(1, len(ed.PREDICTORS), figsize=(4 * len(ed.PREDICTORS), 3.6))
+        names = [name for name in ed.PREDICTORS if name in probe_data]
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
         keep = np.random.default_rng(0).permutation(measured.size)[:5000]
-        for ax, name in zip(axes, ed.PREDICTORS):
+        for ax, name in zip(axes[0], names):
             predicted = np.asarray(probe_data[name], dtype=np.float64)
             stats = ed.compare_prediction(torch.from_numpy(predicted), torch.from_numpy(measured),
                                           torch.ones(measured.size, dtype=torch.bool))
