@@ -168,3 +168,31 @@ def test_probe_in_a_tiny_end_to_end_run(tmp_path):
 
     written = plot_run(["--tracking-uri", uri, "--run-id", run.info.run_id, "--out", str(tmp_path / "redrawn")])
     assert sorted(p.name for p in written) == figures
+
+
+def test_analyse_probe_tables_include_the_parameter_space_predictor(tmp_path, capsys):
+    """The study's probe table reads the new predictor, and still reads probe data written without it."""
+    from experiments.study.analyse_probe import main as analyse
+
+    rng = np.random.default_rng(0)
+    measured = rng.normal(size=200)
+    base = {"measured": measured, "advantage": np.where(np.arange(200) % 4 == 0, 0.0, 1.0),
+            "released_omega": measured + rng.normal(size=200), "first_order_omega": rng.normal(size=200),
+            "covariance": -measured, "logprob": np.zeros(200), "entropy": np.ones(200), "step": np.zeros(200)}
+    for run, extra in (("0_grpo_seed0", {"parameter_space": 0.5 * measured}), ("1_steer_seed0", {})):
+        folder = tmp_path / "part" / run / "entropy_probe"
+        folder.mkdir(parents=True)
+        np.savez(folder / "probe_data.npz", **base, **extra)
+    analyse(str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    grpo = dict(zip(header, (c.strip() for c in lines[2].split("|"))))
+    steer = dict(zip(header, (c.strip() for c in lines[3].split("|"))))
+    assert grpo["arm"] == "grpo" and steer["arm"] == "steer"
+    assert float(grpo["parameter_space/pearson"]) == pytest.approx(1.0)
+    assert float(grpo["parameter_space/scale"]) == pytest.approx(2.0)  # half the change: scale 2 ...
+    r2 = 1 - (0.25 * measured**2).sum() / ((measured - measured.mean()) ** 2).sum()
+    assert float(grpo["parameter_space/r2"]) == pytest.approx(r2, abs=1e-3)  # ... and r2 at face value below 1
+    assert float(grpo["covariance/pearson_to_parameter_space"]) == pytest.approx(-1.0)
+    assert steer["parameter_space/pearson"] == "" and float(steer["covariance/pearson"]) == pytest.approx(-1.0)
+    assert any("parameter_space at face value" in line for line in lines)
