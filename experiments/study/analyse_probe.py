@@ -48,6 +48,9 @@ def run_statistics(data: dict[str, np.ndarray]) -> dict[str, float]:
             out[f"{ed.PARAMETER_SPACE}/{key}"] = result[key]
         for name in ed.PER_TOKEN_PREDICTORS:
             out[f"{name}/pearson_to_parameter_space"] = ed.pearson(torch.from_numpy(data[name]).double(), exact)
+        zero = torch.from_numpy(data["advantage"] == 0)
+        if bool(zero.any()):  # the spill-over states: does first order account for what they move?
+            out[f"{ed.PARAMETER_SPACE}/zero_adv_pearson"] = ed.pearson(exact[zero], measured[zero])
     zero = data["advantage"] == 0
     if zero.any():
         out["spill_ratio"] = float(np.abs(data["measured"][zero]).mean() / np.abs(data["measured"]).mean())
@@ -68,7 +71,7 @@ def main(folder: str) -> None:
                 per_arm[match["arm"]].append(run_statistics({k: data[k] for k in data.files}))
     present = {key for runs in per_arm.values() for r in runs for key in r}
     columns = [f"{p}/{s}" for p in ed.PREDICTORS for s in STATS]
-    columns += [f"{ed.PARAMETER_SPACE}/{s}" for s in EXACT] + [f"{p}/pearson_to_parameter_space" for p in ed.PER_TOKEN_PREDICTORS]
+    columns += [f"{ed.PARAMETER_SPACE}/{s}" for s in (*EXACT, "zero_adv_pearson")] + [f"{p}/pearson_to_parameter_space" for p in ed.PER_TOKEN_PREDICTORS]
     columns = [c for c in columns if c in present] + ["spill_ratio", "weight_mean", "weight_below_0_99"]
     print("| arm | runs | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 2) + "|")

@@ -33,6 +33,15 @@ class AlternatingReward:
         return RewardOutput(scores=scores, correct=[s > 0 for s in scores])
 
 
+class HalfSilentReward(AlternatingReward):
+    """Alternating scores, except that responses 4-7 of every 8 score 0: with 4 samples per prompt, every
+    mini-batch of 2 prompts has one group with reward variance and one without (zero-advantage states)."""
+
+    def __call__(self, responses, references) -> RewardOutput:
+        scores = [float(i % 2 == 0 and i % 8 < 4) for i in range(len(responses))]
+        return RewardOutput(scores=scores, correct=[s > 0 for s in scores])
+
+
 class UniformPolicyModule:
     """Stands in for RLVRModule: every state's policy is uniform over ``support`` tokens."""
 
@@ -127,7 +136,7 @@ def test_parameter_space_predictor_turns_itself_off_when_the_jvp_fails(monkeypat
 
 def test_probe_in_a_tiny_end_to_end_run(tmp_path):
     cfg = compose([*TINY_RUN, "algorithm.steps=2", "intervention=steer_band", "logger=mlflow",
-                   "reward._target_=tests.callbacks.test_entropy_probe.AlternatingReward",
+                   "reward._target_=tests.callbacks.test_entropy_probe.HalfSilentReward",
                    "callbacks.entropy_probe.every_n_steps=1"], tmp_path)
     metrics = train(cfg)
     for predictor in ("released_omega", "first_order_omega", "covariance", "parameter_space"):
@@ -138,6 +147,9 @@ def test_probe_in_a_tiny_end_to_end_run(tmp_path):
     for key in ("r2", "relative_error_unscaled", "seconds", "forward_ratio"):
         assert math.isfinite(metrics[f"probe/parameter_space/{key}"]), key
     assert metrics["probe/parameter_space/seconds"] > 0
+    # states that get no update of their own still move, and first order accounts for it
+    assert metrics["probe/zero_adv_measured_abs_mean"] > 0
+    assert metrics["probe/parameter_space/zero_adv_pearson"] > 0.9
     # the embedded default's step is small: the first-order change in nats is the measured one, nearly
     assert metrics["probe/parameter_space/pearson"] > 0.9
     assert metrics["probe/parameter_space/scale"] == pytest.approx(1.0, abs=0.2)
@@ -194,5 +206,6 @@ def test_analyse_probe_tables_include_the_parameter_space_predictor(tmp_path, ca
     r2 = 1 - (0.25 * measured**2).sum() / ((measured - measured.mean()) ** 2).sum()
     assert float(grpo["parameter_space/r2"]) == pytest.approx(r2, abs=1e-3)  # ... and r2 at face value below 1
     assert float(grpo["covariance/pearson_to_parameter_space"]) == pytest.approx(-1.0)
+    assert float(grpo["parameter_space/zero_adv_pearson"]) == pytest.approx(1.0)
     assert steer["parameter_space/pearson"] == "" and float(steer["covariance/pearson"]) == pytest.approx(-1.0)
     assert any("parameter_space at face value" in line for line in lines)

@@ -213,7 +213,7 @@ class EntropyProbe(L.Callback, StepObserver):
             "probe/measured_abs_mean": float(measured[valid].abs().mean()) if bool(valid.any()) else math.nan,
         })
         # States of tokens with zero advantage get no update of their own: what they move measures the
-        # spill-over of the other tokens' updates through the shared weights (no predictor models it).
+        # spill-over of the other tokens' updates through the shared weights (no per-token predictor models it).
         spill = valid & (pending.advantages == 0)
         if bool(spill.any()):
             metrics["probe/zero_adv_measured_abs_mean"] = float(measured[spill].abs().mean())
@@ -228,6 +228,9 @@ class EntropyProbe(L.Callback, StepObserver):
                 metrics[f"probe/{ed.PARAMETER_SPACE}/{key}"] = value
             for name in ed.PER_TOKEN_PREDICTORS:
                 metrics[f"probe/{name}/pearson_to_parameter_space"] = ed.pearson(predictions[name][valid], exact[valid])
+            if bool(spill.any()):  # where the per-token predictors claim nothing: is the spill-over first order?
+                metrics[f"probe/{ed.PARAMETER_SPACE}/zero_adv_pearson"] = ed.pearson(exact[spill], measured[spill])
+                metrics[f"probe/{ed.PARAMETER_SPACE}/zero_adv_r2"] = ed.absolute_agreement(exact, measured, spill)["r2"]
         record = {name: prediction[valid].float().cpu().numpy() for name, prediction in predictions.items()}
         record["measured"] = measured[valid].float().cpu().numpy()
         record["advantage"] = pending.advantages[valid].float().cpu().numpy()
