@@ -214,3 +214,38 @@ def test_a_training_policy_is_sampled_in_eval_mode_and_left_in_training_mode(eng
     policy.model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(module.training))
     HFRolloutEngine(policy, 0, 1).generate([[5, 6]], SamplingParams(max_new_tokens=3))
     assert seen and not any(seen) and policy.training
+
+
+def tiny_llama():
+    """A SmolLM2-shaped (Llama: no attention bias, grouped KV heads, tied head) random decoder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=128, rope_theta=100000.0, tie_word_embeddings=True,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_llama_family_model_takes_the_functional_path_exactly():
+    policy = tiny_llama()
+    assert supports_functional(policy)
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]], 0)
+    torch.manual_seed(2)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 10, 1, 0, temperature=0.9, top_p=0.8)
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 0.9, 0.8)
+    mask, _ = response_mask_from_ids(response_ids, 1)
+    torch.testing.assert_close(logprobs[mask], reference[mask], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_policies_sample_close_to_their_teacher_forced_forward(dtype):
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2).to(dtype).eval()
+    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A: ").input_ids] * 2, 0)
+    torch.manual_seed(0)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 8, 1, 0)
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 1.0, 1.0)
+    mask, _ = response_mask_from_ids(response_ids, 1)
+    assert logprobs.dtype == torch.float32 and torch.isfinite(logprobs[mask]).all()
+    torch.testing.assert_close(logprobs[mask], reference[mask], atol=0.1, rtol=0)  # half-precision round-off

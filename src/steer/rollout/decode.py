@@ -9,8 +9,9 @@ This loop keeps the per-token work to the model's own operators:
   applied by hand with ``scaled_dot_product_attention`` on a preallocated key/value buffer
   ``[B, KV heads, P + R, head dim]`` per layer, so a step allocates no cache and builds no mask
   object. Tests check it against the model's own teacher-forced forward.
-- **Any other causal LM** goes through :func:`hf_forward_steps`: the model's ``forward`` with its
-  own ``DynamicCache`` and a 2-D attention mask (slower, but architecture-agnostic).
+- **Any other causal LM** (and sharded FSDP2 policies, whose parameters only the layers' own
+  forward gathers) goes through :func:`hf_forward_steps`: the model's ``forward`` with its own
+  ``DynamicCache`` and a 2-D attention mask (slower, but architecture-agnostic).
 
 Sampling is plain: temperature, then an optional nucleus (top-p) filter, then one draw from the
 softmax by the Gumbel-max trick (:func:`gumbel_max`; the global torch RNG, seeded by the trainer, drives it), and
@@ -76,6 +77,10 @@ def supports_functional(model: torch.nn.Module) -> bool:
         return False
     backbone = getattr(model, "model", None)
     if backbone is None or not hasattr(backbone, "rotary_emb") or not hasattr(backbone, "layers"):
+        return False
+    # Sharded parameters (FSDP2 DTensors) are only gathered by the layers' own forward hooks,
+    # which the hand-applied decoder bypasses.
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         return False
     attention = backbone.layers[0].self_attn
     # Variants with extra normalisation inside attention (e.g. Qwen3's q_norm) are not covered.
