@@ -14,13 +14,16 @@ C ...) so that load from other processes hits all of them alike, each call from 
   ``torch.compile`` for the decode steps; its first call (compile + run) is reported separately
   (``first call s``) as the compile time.
 
+``--gqa K`` adds ``functional`` on the same size built with K key/value heads (a different,
+smaller model: a random-init GQA policy samples other tokens, so compare tokens/s too).
+
 Printed per size: median seconds per generate call, generated tokens/s (response tokens up to
 and including EOS), the ratio to ``legacy``, and the load average before and after.
 
 Usage::
 
     PYTHONPATH=src python experiments/benchmarks/bench_decode.py [--sizes 0.3M 2.4M] [--repeats 5] \\
-        [--threads 2] [--candidates legacy generate hf_loop functional static_compiled]
+        [--threads 2] [--candidates legacy generate hf_loop functional static_compiled] [--gqa 2]
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--gqa", type=int, default=None, metavar="K",
+                        help="also run `functional` on the same size with K key/value heads (model.tiny.num_kv_heads)")
     args = parser.parse_args()
 
     from steer.models.tiny import build_char_tokenizer, build_tiny_policy
@@ -151,15 +156,21 @@ def main() -> None:
         hidden, layers, heads = SIZES[size]
         policy = build_tiny_policy(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads).eval()
         parameters = sum(p.numel() for p in policy.parameters())
+        runs = [(name, CANDIDATES[name], policy) for name in args.candidates]
+        if args.gqa:
+            grouped = build_tiny_policy(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                        num_kv_heads=args.gqa).eval()
+            runs.append((f"functional_kv{args.gqa}", CANDIDATES["functional"], grouped))
+        names = [name for name, _, _ in runs]
         first: dict[str, float] = {}
-        seconds: dict[str, list[float]] = {name: [] for name in args.candidates}
-        tokens: dict[str, list[int]] = {name: [] for name in args.candidates}
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        tokens: dict[str, list[int]] = {name: [] for name in names}
         with torch.no_grad():
             for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up (and compile) call
-                for name in args.candidates:
+                for name, candidate, model in runs:
                     torch.manual_seed(repeat)
                     start = time.perf_counter()
-                    response = CANDIDATES[name](policy, prompt_ids, prompt_mask, args.new_tokens, eos, pad)
+                    response = candidate(model, prompt_ids, prompt_mask, args.new_tokens, eos, pad)
                     elapsed = time.perf_counter() - start
                     if repeat == 0:
                         first[name] = elapsed
@@ -169,7 +180,7 @@ def main() -> None:
         base = statistics.median(seconds["legacy"]) if "legacy" in seconds else None
         print(f"\n{size}: hidden {hidden}, {layers} layers, {heads} heads, {parameters / 1e6:.2f}M parameters")
         print(f"{'candidate':<16}{'s/call':>9}{'tokens/s':>10}{'vs legacy':>11}{'first call s':>14}")
-        for name in args.candidates:
+        for name in names:
             median = statistics.median(seconds[name])
             rate = statistics.median(t / s for t, s in zip(tokens[name], seconds[name]))
             ratio = f"{median / base:.2f}" if base else "-"
