@@ -5,17 +5,18 @@ work (mask construction, cache objects, output dataclasses, logits processors), 
 This loop keeps the per-token work to the model's own operators:
 
 - **Qwen2 / Llama-family decoders** (the embedded tiny policy, SmolLM2) run through
-  :class:`FunctionalDecoder`: the layers' own modules (projections, norms, MLP, rotary embedding)
-  applied by hand with ``scaled_dot_product_attention`` on a preallocated key/value buffer
-  ``[B, KV heads, P + R, head dim]`` per layer, so a step allocates no cache and builds no mask
-  object. Tests check it against the model's own teacher-forced forward.
+  :class:`FunctionalDecoder`: the layers' own modules (projections, MLP, rotary embedding; norms
+  as one fused ``F.rms_norm`` in float32) applied by hand on a preallocated key/value buffer
+  ``[B, KV heads, P + R, head dim]`` per layer (``scaled_dot_product_attention`` for the prefill,
+  a plain matmul pair for each single-query step), so a step allocates no cache and builds no
+  mask object. Tests check it against the model's own teacher-forced forward.
 - **Any other causal LM** (and sharded FSDP2 policies, whose parameters only the layers' own
   forward gathers) goes through :func:`hf_forward_steps`: the model's ``forward`` with its own
   ``DynamicCache`` and a 2-D attention mask (slower, but architecture-agnostic).
 
 Sampling is plain: temperature, then an optional nucleus (top-p) filter, then one draw from the
-softmax by the Gumbel-max trick (:func:`gumbel_max`; the global torch RNG, seeded by the trainer, drives it), and
-the log-prob of the drawn token is read from the same log-softmax, i.e. under the exact
+softmax by the Gumbel-max trick (:func:`gumbel_max`; the global torch RNG, seeded by the
+trainer, drives it), and the log-prob of the drawn token is read from the same log-softmax, i.e. under the exact
 distribution that was sampled. Positions follow the teacher-forced convention of
 :func:`steer.algo.logprobs.response_logprobs_and_entropy`: ``cumsum(mask) - 1`` over left-padded
 prompts, then one more per generated token.
