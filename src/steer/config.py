@@ -273,7 +273,7 @@ def check_run(cfg: DictConfig) -> None:
 
 
 def check_model(cfg: DictConfig) -> None:
-    """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's warm-up task."""
+    """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's heads and warm-up task."""
     from steer.models.loader import DTYPES, PACKAGE_PREFIX
 
     dtype = _get(cfg, "model.dtype")
@@ -314,10 +314,24 @@ def check_model(cfg: DictConfig) -> None:
         if gguf_file and folder is not None and not (folder / gguf_file).is_file():
             found = sorted(p.name for p in folder.glob("*.gguf"))
             raise ConfigError(f"model.gguf_file={gguf_file!r} is not a file in {folder}; allowed: {found or 'a .gguf file there'}")
-    elif _get(cfg, "model.warmup") and not _get(cfg, "data.task"):
-        data = _choice("data")
-        raise ConfigError(f"the tiny model's warm-up (model=tiny) needs the arithmetic task, but {f'data={data}' if data else 'the data preset'} "
-                          "has none (data.task is null); allowed: data=arithmetic, or a real model (model=hf model.path=...)")
+    else:
+        if _get(cfg, "model.tiny"):
+            _check_tiny_heads(_get(cfg, "model.tiny.num_heads", 4), _get(cfg, "model.tiny.num_kv_heads"))
+        if _get(cfg, "model.warmup") and not _get(cfg, "data.task"):
+            data = _choice("data")
+            raise ConfigError(f"the tiny model's warm-up (model=tiny) needs the arithmetic task, but {f'data={data}' if data else 'the data preset'} "
+                              "has none (data.task is null); allowed: data=arithmetic, or a real model (model=hf model.path=...)")
+
+
+def _check_tiny_heads(num_heads: Any, num_kv_heads: Any) -> None:
+    """``model.tiny.num_heads`` and ``num_kv_heads`` (grouped-query attention: KV heads divide the heads)."""
+    _number("model.tiny.num_heads", num_heads, 1, integer=True, allowed="an integer >= 1")
+    if num_kv_heads is None:
+        return
+    divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+    if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads not in divisors:
+        raise ConfigError(f"model.tiny.num_kv_heads={num_kv_heads!r} is not valid: it must divide "
+                          f"model.tiny.num_heads={num_heads}; allowed: null (= num_heads) or one of {divisors}")
 
 
 def _wants_gpu(cfg: DictConfig) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from steer.data.arithmetic import ArithmeticTask
@@ -62,3 +63,31 @@ def test_a_saved_character_tokenizer_reloads_as_itself(tmp_path):
     assert loaded(text).input_ids == tokenizer(text).input_ids
     assert loaded.padding_side == "left"
     assert loaded.apply_chat_template([{"role": "user", "content": "x y"}], add_generation_prompt=True, tokenize=False) == "Q: x y\nA: "
+
+
+def test_num_kv_heads_builds_grouped_query_attention():
+    tokenizer = build_char_tokenizer()
+    full = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, num_heads=4)
+    grouped = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2)
+    assert full.config.num_key_value_heads == 4 and grouped.config.num_key_value_heads == 2
+    # k_proj and v_proj shrink from 32x32 (+32 bias) to 32x16 (+16 bias) each.
+    saved = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in grouped.parameters())
+    assert saved == 2 * (32 * 16 + 16)
+    assert grouped.model.layers[0].self_attn.k_proj.weight.shape == (16, 32)
+    with torch.no_grad():  # and it runs
+        assert grouped(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, len(tokenizer))
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("value", [3, 0, 8, "two"])
+def test_a_num_kv_heads_that_does_not_divide_the_heads_is_a_config_error(tmp_path, value):
+    from steer.config import ConfigError, check_model
+    from tests.conftest import compose
+
+    cfg = compose([f"model.tiny.num_kv_heads={value}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.tiny\.num_kv_heads=.* must divide model\.tiny\.num_heads=4; "
+                                          r"allowed: null \(= num_heads\) or one of \[1, 2, 4\]"):
+        check_model(cfg)
+    check_model(compose(["model.tiny.num_kv_heads=2"], tmp_path))  # a divisor is fine
+    check_model(compose([], tmp_path))  # and the default (null)

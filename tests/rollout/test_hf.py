@@ -1,13 +1,17 @@
-"""The HF rollout engine: plain sampling, exact sampler log-probs, EOS and padding handling."""
+"""The HF rollout engine and its decode loop: exact sampler log-probs (temperature, top-p, left
+padding, grouped-query attention), the sampled distribution, EOS and padding, seeded reproducibility."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from scipy.stats import chisquare
+from transformers import TopPLogitsWarper
 
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.models.tiny import build_char_tokenizer, build_tiny_policy
-from steer.rollout.base import SamplingParams
+from steer.rollout.base import SamplingParams, left_pad, response_mask_from_ids
+from steer.rollout.decode import gumbel_max, sample, supports_functional, top_p_filter
 from steer.rollout.hf import HFRolloutEngine
 
 
@@ -19,8 +23,108 @@ def engine():
     return tokenizer, policy, HFRolloutEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
 
 
+def teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, temperature, top_p):
+    """Reference: one forward over prompt + response (the model's own attention and masks), then
+    transformers' own nucleus warper on logits / temperature; ``[B, R]`` log-probs of the tokens."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, torch.ones_like(response_ids, dtype=torch.bool)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits.float()
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1] / temperature
+    if top_p < 1:
+        warper = TopPLogitsWarper(top_p)
+        logits = torch.stack([warper(None, logits[:, t]) for t in range(logits.shape[1])], dim=1)
+    return torch.log_softmax(logits, -1).gather(-1, response_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@pytest.mark.parametrize("functional", [True, False])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.85), (1.3, 0.5)])
+def test_sampled_logprobs_equal_a_teacher_forced_forward(functional, num_kv_heads, temperature, top_p):
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads).eval()
+    assert supports_functional(policy)
+    # Left padding of 0, 9 and 15 positions.
+    prompts = [tokenizer(text).input_ids for text in ("Q: Compute 12+30+7.\nA: ", "Q: hi\nA: ", "A: ")]
+    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(4)], tokenizer.pad_token_id)
+    assert prompt_mask.sum(-1).unique().numel() == 3
+    torch.manual_seed(0)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                    temperature=temperature, top_p=top_p, functional=functional)
+    assert logprobs.dtype == torch.float32 and response_ids.shape == logprobs.shape
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, temperature, top_p)
+    mask, _ = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    assert mask.sum() > 24
+    torch.testing.assert_close(logprobs[mask], reference[mask], atol=2e-5, rtol=0)
+    assert torch.isfinite(logprobs[mask]).all()  # a filtered token was never drawn
+
+
+def test_the_functional_and_the_hf_forward_loops_draw_the_same_tokens():
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2).eval()
+    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A").input_ids] * 4, 0)
+    draws = []
+    for functional in (True, False):
+        torch.manual_seed(3)
+        draws.append(sample(policy, prompt_ids, prompt_mask, 16, 1, 0, temperature=0.8, top_p=0.9, functional=functional))
+    assert torch.equal(draws[0][0], draws[1][0])
+    torch.testing.assert_close(draws[0][1], draws[1][1], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_the_first_token_follows_the_exact_filtered_softmax(functional):
+    """Chi-square of 4,000 first tokens against the teacher-forced distribution after T and top-p."""
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, seed=4).eval()
+    with torch.no_grad():  # sharpen the random policy so that top-p leaves a handful of tokens
+        policy.model.norm.weight.mul_(4.0)
+    prompt = tokenizer("Q: 7+8\nA: ").input_ids
+    rows = 4000
+    prompt_ids, prompt_mask = left_pad([prompt] * rows, 0)
+    torch.manual_seed(1)
+    response_ids, _ = sample(policy, prompt_ids, prompt_mask, 1, tokenizer.eos_token_id, 0, temperature=0.8, top_p=0.7,
+                             functional=functional)
+    with torch.no_grad():
+        logits = policy(torch.tensor([prompt])).logits[0, -1].float() / 0.8
+    probs = torch.softmax(TopPLogitsWarper(0.7)(None, logits[None])[0], -1)
+    kept = probs > 0
+    assert 5 <= int(kept.sum()) < 50 and probs.max() > 0.2
+    counts = torch.bincount(response_ids[:, 0], minlength=len(tokenizer)).double()
+    assert counts[~kept].sum() == 0  # nothing outside the nucleus
+    expected = probs[kept].double() / probs[kept].double().sum() * rows
+    assert chisquare(counts[kept].numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_gumbel_max_draws_the_softmax_distribution_and_never_a_masked_token():
+    torch.manual_seed(0)
+    logprobs = torch.log_softmax(torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]), -1)
+    draws = gumbel_max(logprobs.expand(40_000, -1))
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[4] == 0
+    expected = logprobs.double().exp()
+    keep = expected > 0
+    expected = expected / expected[keep].sum() * 40_000
+    assert chisquare(counts[keep].numpy(), expected[keep].numpy()).pvalue > 1e-3
+    # A wrong sampler (e.g. a uniform one) is rejected by the same check.
+    uniform = torch.bincount(torch.randint(0, 6, (40_000,)), minlength=6).double()
+    uniform = uniform[keep] / uniform[keep].sum() * 40_000
+    assert chisquare(uniform.numpy(), expected[keep].numpy()).pvalue < 1e-6
+
+
+def test_top_p_filter_keeps_the_same_tokens_as_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 101) * 3
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        ours = top_p_filter(logits, top_p)
+        theirs = TopPLogitsWarper(top_p)(None, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), top_p
+        assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
+    assert (~torch.isinf(top_p_filter(logits, 1e-6))).sum(-1).eq(1).all()  # at least the top token
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_sampler_logprobs_equal_the_policy_logprobs_at_the_same_temperature(engine, temperature):
+def test_engine_logprobs_equal_the_policy_logprobs_at_the_same_temperature(engine, temperature):
     tokenizer, policy, rollout_engine = engine
     prompts = [tokenizer("Q: Compute 1+2.\nA: ").input_ids, tokenizer("Q: hi\nA: ").input_ids]
     batch = rollout_engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=12, n=3))
@@ -30,7 +134,8 @@ def test_sampler_logprobs_equal_the_policy_logprobs_at_the_same_temperature(engi
         policy, batch.input_ids, batch.attention_mask, batch.response_ids.shape[1], temperature=temperature
     )
     mask = batch.response_mask
-    torch.testing.assert_close(logprobs[mask], batch.sampling_logprobs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logprobs[mask], batch.sampling_logprobs[mask], atol=1e-5, rtol=0)
+    assert torch.all(batch.sampling_logprobs[~mask] == 0)
 
 
 def test_padding_after_eos_and_truncation_flags(engine):
@@ -47,6 +152,48 @@ def test_padding_after_eos_and_truncation_flags(engine):
             assert ids[length - 1] == eos
 
 
+def eos_loving_policy(tokenizer):
+    """All layers silent (zero weights), embeddings on one axis with EOS 3x longer: after any
+    token the EOS logit leads by ~11 nats, so nearly every row ends at its first or second token."""
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.zero_()
+        policy.model.norm.weight.fill_(1.0)
+        for layer in policy.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        policy.model.embed_tokens.weight[:, 0] = 1.0
+        policy.model.embed_tokens.weight[tokenizer.eos_token_id, 0] = 3.0
+    return policy.eval()
+
+
+def test_decoding_stops_once_every_row_has_ended():
+    tokenizer = build_char_tokenizer()
+    engine = HFRolloutEngine(eos_loving_policy(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    batch = engine.generate([tokenizer("Q: 1\nA: ").input_ids, tokenizer("A: ").input_ids], SamplingParams(max_new_tokens=32, n=32))
+    assert batch.response_ids.shape == (64, batch.response_ids.shape[1]) and batch.response_ids.shape[1] < 6
+    assert not batch.truncated.any()
+    lengths = batch.response_mask.sum(-1)
+    assert torch.all(batch.response_ids[torch.arange(64), lengths - 1] == tokenizer.eos_token_id)
+    assert torch.equal(batch.response_mask, response_mask_from_ids(batch.response_ids, tokenizer.eos_token_id)[0])
+    assert torch.all(batch.response_ids[~batch.response_mask] == tokenizer.pad_token_id)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(engine):
+    tokenizer, _, rollout_engine = engine
+    prompts = [tokenizer("Q: Compute 3+4.\nA: ").input_ids, tokenizer("Q: a\nA: ").input_ids]
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=10, n=4)
+    batches = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        batches.append(rollout_engine.generate(prompts, params))
+    assert torch.equal(batches[0].response_ids, batches[1].response_ids)
+    assert torch.equal(batches[0].sampling_logprobs, batches[1].sampling_logprobs)
+    assert not torch.equal(batches[0].response_ids, batches[2].response_ids)
+
+
 def test_no_top_k_is_applied(engine):
     """With a uniform policy every token of the vocabulary must be reachable (top_k=50 would cut it)."""
     tokenizer, policy, _ = engine
@@ -58,3 +205,47 @@ def test_no_top_k_is_applied(engine):
     batch = rollout_engine.generate([[5]] * 64, SamplingParams(max_new_tokens=8))
     assert len(tokenizer) > 50
     assert len(set(batch.response_ids[batch.response_mask].tolist())) > 50
+
+
+def test_a_training_policy_is_sampled_in_eval_mode_and_left_in_training_mode(engine):
+    tokenizer, _, _ = engine
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1).train()
+    seen = []
+    policy.model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    HFRolloutEngine(policy, 0, 1).generate([[5, 6]], SamplingParams(max_new_tokens=3))
+    assert seen and not any(seen) and policy.training
+
+
+def tiny_llama():
+    """A SmolLM2-shaped (Llama: no attention bias, grouped KV heads, tied head) random decoder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=128, rope_theta=100000.0, tie_word_embeddings=True,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_llama_family_model_takes_the_functional_path_exactly():
+    policy = tiny_llama()
+    assert supports_functional(policy)
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]], 0)
+    torch.manual_seed(2)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 10, 1, 0, temperature=0.9, top_p=0.8)
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 0.9, 0.8)
+    mask, _ = response_mask_from_ids(response_ids, 1)
+    torch.testing.assert_close(logprobs[mask], reference[mask], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_policies_sample_close_to_their_teacher_forced_forward(dtype):
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2).to(dtype).eval()
+    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A: ").input_ids] * 2, 0)
+    torch.manual_seed(0)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 8, 1, 0)
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 1.0, 1.0)
+    mask, _ = response_mask_from_ids(response_ids, 1)
+    assert logprobs.dtype == torch.float32 and torch.isfinite(logprobs[mask]).all()
+    torch.testing.assert_close(logprobs[mask], reference[mask], atol=0.1, rtol=0)  # half-precision round-off

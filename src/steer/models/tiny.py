@@ -46,12 +46,21 @@ def build_tiny_policy(
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
+    num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
     max_positions: int = 256,
     seed: int = 0,
 ) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 decoder (about 0.5M parameters at the defaults)."""
+    """A randomly initialised Qwen2 decoder (about 0.5M parameters at the defaults).
+
+    ``num_kv_heads``: key/value heads for grouped-query attention (Ainslie et al., 2023); ``None``
+    means ``num_heads`` (plain multi-head attention). Must divide ``num_heads``.
+    """
     import torch
+
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must be >= 1 and divide num_heads={num_heads}")
 
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -59,7 +68,7 @@ def build_tiny_policy(
         intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,9 +1,12 @@
-"""Rollouts with Hugging Face ``generate`` on the policy itself (any device; no weight sync needed).
+"""Rollouts on the live Hugging Face policy itself (any device; no weight sync needed).
 
-Sampling is plain: no top-k (transformers 5 defaults to top_k=50 unless told otherwise), our own
-temperature and nucleus filter, and a last logits processor that records the log-prob of each
-sampled token under the exact distribution it was drawn from. Recording one step at a time keeps
-memory at ``[B, V]`` instead of the ``[R, B, V]`` that ``output_scores`` would keep.
+Sampling runs through our own decode loop (:mod:`steer.rollout.decode`), not ``model.generate``:
+one prefill, then one single-token forward per step over a preallocated key/value buffer, stopping
+once every row has emitted EOS. Sampling is plain: no top-k, temperature then an optional nucleus
+filter, one ``torch.multinomial`` draw per row (the trainer's seeded torch RNG drives it), and the
+log-prob of each sampled token is recorded under the exact distribution it was drawn from. On the
+tiny policies this is several times faster than ``generate`` with logits processors, whose time
+is mostly per-token framework overhead (see ``experiments/benchmarks/bench_decode.py``).
 """
 
 from __future__ import annotations
@@ -11,39 +14,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from steer.rollout.base import RolloutBatch, SamplingParams, left_pad, response_mask_from_ids
-
-
-class _Temperature(LogitsProcessor):
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return scores / self.temperature
-
-
-class _SampledLogprobRecorder(LogitsProcessor):
-    """Keeps the previous step's log-softmax and, once the next call reveals the sampled token
-    (the last column of ``input_ids``), stores that token's log-prob."""
-
-    def __init__(self) -> None:
-        self.previous: torch.Tensor | None = None
-        self.recorded: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._record(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def _record(self, sampled: torch.Tensor) -> None:
-        if self.previous is not None:
-            self.recorded.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
-
-    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
-        self._record(last_tokens)
-        return torch.stack(self.recorded, dim=1)
+from steer.rollout.decode import sample
 
 
 class HFRolloutEngine:
@@ -55,7 +28,7 @@ class HFRolloutEngine:
         self.eos_token_id = eos_token_id
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
-        self.policy = policy  # generate runs on the training weights themselves
+        self.policy = policy  # sampling runs on the training weights themselves
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
@@ -65,36 +38,20 @@ class HFRolloutEngine:
         repeated = [ids for ids in prompt_token_ids for _ in range(params.n)]
         prompt_ids, prompt_mask = left_pad(repeated, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        recorder = _SampledLogprobRecorder()
-        processors = LogitsProcessorList([_Temperature(params.temperature)])
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-        processors.append(recorder)
         was_training = self.policy.training
         self.policy.eval()
         try:
-            output = self.policy.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask.long(),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=params.max_new_tokens,
-                logits_processor=processors,
-                pad_token_id=self.pad_token_id,
-                eos_token_id=self.eos_token_id,
+            response_ids, sampling_logprobs = sample(
+                self.policy, prompt_ids, prompt_mask, params.max_new_tokens, self.eos_token_id, self.pad_token_id,
+                temperature=params.temperature, top_p=params.top_p,
             )
         finally:
             self.policy.train(was_training)
-        response_ids = output[:, prompt_ids.shape[1] :]
-        sampling_logprobs = recorder.finish(response_ids[:, -1])
         response_mask, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
-        response_ids = response_ids.masked_fill(~response_mask, self.pad_token_id)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
-            response_ids=response_ids,
+            response_ids=response_ids.masked_fill(~response_mask, self.pad_token_id),
             response_mask=response_mask,
             sampling_logprobs=sampling_logprobs.masked_fill(~response_mask, 0.0),
             truncated=truncated,

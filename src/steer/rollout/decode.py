@@ -1,0 +1,272 @@
+"""Our own sampling loop for a causal LM: one prefill, then one single-token forward per step.
+
+Why not ``model.generate``: on the tiny policies most of ``generate``'s time is per-token framework
+work (mask construction, cache objects, output dataclasses, logits processors), not arithmetic.
+This loop keeps the per-token work to the model's own operators:
+
+- **Qwen2 / Llama-family decoders** (the embedded tiny policy, SmolLM2) run through
+  :class:`FunctionalDecoder`: the layers' own modules (projections, MLP, rotary embedding; norms
+  as one fused ``F.rms_norm`` in float32) applied by hand on a preallocated key/value buffer
+  ``[B, KV heads, P + R, head dim]`` per layer (``scaled_dot_product_attention`` for the prefill,
+  a plain matmul pair for each single-query step), so a step allocates no cache and builds no
+  mask object. Tests check it against the model's own teacher-forced forward.
+- **Any other causal LM** (and sharded FSDP2 policies, whose parameters only the layers' own
+  forward gathers) goes through :func:`hf_forward_steps`: the model's ``forward`` with its own
+  ``DynamicCache`` and a 2-D attention mask (slower, but architecture-agnostic).
+
+Sampling is plain: temperature, then an optional nucleus (top-p) filter, then one draw from the
+softmax by the Gumbel-max trick (:func:`gumbel_max`; the global torch RNG, seeded by the
+trainer, drives it), and the log-prob of the drawn token is read from the same log-softmax, i.e. under the exact
+distribution that was sampled. Positions follow the teacher-forced convention of
+:func:`steer.algo.logprobs.response_logprobs_and_entropy`: ``cumsum(mask) - 1`` over left-padded
+prompts, then one more per generated token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Architectures whose decoder layer is exactly: x + o(attn(rope(q(n1(x))), rope(k(.)), v(.))), then
+# x + mlp(n2(x)), with RMSNorm modules and no sliding window. Others use hf_forward_steps.
+FUNCTIONAL_MODEL_TYPES = ("qwen2", "llama")
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al., 2020): keep the smallest set of most likely tokens whose
+    probability reaches ``top_p`` (always at least one); the rest get ``-inf``.
+
+    ``logits``: ``[B, V]`` (already divided by the temperature). Returns a new ``[B, V]`` tensor.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``[B, V]`` log-probs of the distribution the sampler draws from (after temperature, top-p)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def gumbel_max(logprobs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``softmax(logprobs)`` (``[B, V]`` -> ``[B]``) by the Gumbel-max trick:
+    ``argmax(logprobs + G)`` with ``G = -log(-log U)``, ``U ~ Uniform[0, 1)`` from the global torch
+    RNG. Exact, and about 4x cheaper here than ``torch.multinomial`` (whose exponential draws are
+    slow on CPU). ``-inf`` entries (filtered by top-p) are never drawn."""
+    gumbel = torch.rand_like(logprobs).log_().neg_().log_().neg_()
+    return (logprobs + gumbel).argmax(-1)
+
+
+def supports_functional(model: torch.nn.Module) -> bool:
+    """Whether :class:`FunctionalDecoder` reproduces ``model``'s forward exactly."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FUNCTIONAL_MODEL_TYPES:
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return False
+    backbone = getattr(model, "model", None)
+    if backbone is None or not hasattr(backbone, "rotary_emb") or not hasattr(backbone, "layers"):
+        return False
+    # Sharded parameters (FSDP2 DTensors) are only gathered by the layers' own forward hooks,
+    # which the hand-applied decoder bypasses.
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return False
+    attention = backbone.layers[0].self_attn
+    # Variants with extra normalisation inside attention (e.g. Qwen3's q_norm) are not covered.
+    return not any(hasattr(attention, name) for name in ("q_norm", "k_norm"))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # One fused operator instead of the module's five; identical in float32 (the module computes in
+    # float32 and casts back before the weight, so other dtypes keep the module).
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+class FunctionalDecoder:
+    """A Qwen2/Llama decoder applied by hand over preallocated key/value buffers.
+
+    ``batch`` rows, room for ``max_len`` columns: one ``[B, KV heads, max_len, head dim]`` key and
+    value buffer per layer. :meth:`prefill` writes the prompt (columns ``[0, P)``), :meth:`step`
+    one token per call after it; both return the last position's logits ``[B, V]``.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_len: int) -> None:
+        config = model.config
+        backbone = model.model
+        self.layers = list(backbone.layers)
+        self.embed = backbone.embed_tokens
+        self.norm = backbone.norm
+        self.head = model.get_output_embeddings()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        batch, self.prompt_len = prompt_mask.shape
+        weight = self.embed.weight
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
+        # Additive mask over key columns: -inf on left padding, 0 elsewhere ([B, 1, 1, max_len]).
+        self.column_bias = torch.zeros(batch, 1, 1, max_len, dtype=weight.dtype, device=weight.device)
+        self.column_bias[:, 0, 0, : self.prompt_len].masked_fill_(~prompt_mask, float("-inf"))
+        # The rotary tables for every position this call can reach, from the model's own module.
+        positions = torch.arange(max_len, device=weight.device)[None]
+        cos, sin = backbone.rotary_emb(weight[None, :1], positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head dim]
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [B, q] positions -> [B, 1, q, head dim] tables that broadcast over heads.
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[B, P]`` left-padded prompt tokens at ``[B, P]`` positions."""
+        length = tokens.shape[1]
+        rows = torch.arange(length, device=tokens.device)[:, None]
+        columns = torch.arange(length, device=tokens.device)[None, :]
+        # Causal and not padding; each query also sees itself, so that a padding query attends to
+        # something (an all-masked row would put NaN into the buffers, and NaN * 0 is NaN).
+        visible = (self.column_bias[:, :, :, :length] == 0) | (columns == rows)
+        visible = visible & (columns <= rows)
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale,
+                                                  enable_gqa=self.num_heads != self.num_kv_heads)
+
+        return self._layers(tokens, positions, 0, attend)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
+        """``[B]`` tokens at ``[B, 1]`` positions, written at ``column``; attends to ``[0, column]``."""
+        bias = self.column_bias[..., : column + 1]
+        group = self.num_heads // self.num_kv_heads
+
+        def attend(q, k, v):
+            # Plain matmul attention: for one query it beats the fused CPU kernel here. Grouped
+            # query heads share their KV head: [B, KV, group, D] against [B, KV, T, D].
+            batch = q.shape[0]
+            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale).add_(bias)
+            out = torch.matmul(scores.softmax(-1), v)
+            return out.reshape(batch, self.num_heads, 1, self.head_dim)
+
+        return self._layers(tokens[:, None], positions, column, attend)
+
+    def _layers(self, tokens, positions, start, attend) -> torch.Tensor:
+        batch, length = tokens.shape
+        end = start + length
+        hidden = self.embed(tokens)
+        cos, sin = self._rotary(positions)
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            x = _rms_norm(layer.input_layernorm, hidden)
+            q = attention.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            self.keys[index][:, :, start:end] = _rotate(k, cos, sin)
+            self.values[index][:, :, start:end] = v
+            out = attend(_rotate(q, cos, sin), self.keys[index][:, :, :end], self.values[index][:, :, :end])
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+        return self.head(_rms_norm(self.norm, hidden[:, -1]))
+
+
+def functional_steps(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+) -> Iterator[torch.Tensor]:
+    """Yields next-token logits ``[B, V]``; after each yield, ``send`` the sampled ``[B]`` tokens."""
+    prompt_len = prompt_ids.shape[1]
+    decoder = FunctionalDecoder(model, prompt_mask, prompt_len + max_new_tokens)
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    tokens = yield decoder.prefill(prompt_ids, positions)
+    position = positions[:, -1:]
+    for step in range(max_new_tokens - 1):
+        position = position + 1
+        tokens = yield decoder.step(tokens, position, prompt_len + step)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    # transformers >= 5.2x names the argument ``cache``; earlier releases ``past_key_values``.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_forward_steps(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+) -> Iterator[torch.Tensor]:
+    """Like :func:`functional_steps`, through the model's own ``forward`` and ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    batch, prompt_len = prompt_ids.shape
+    cache = DynamicCache(config=model.config)
+    keyword = _cache_keyword(model)
+    mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.long, device=prompt_ids.device)
+    mask[:, :prompt_len] = prompt_mask.long()
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    output = model(input_ids=prompt_ids, attention_mask=mask[:, :prompt_len], position_ids=positions,
+                   use_cache=True, logits_to_keep=1, **{keyword: cache})
+    tokens = yield output.logits[:, -1]
+    position = positions[:, -1:]
+    for step in range(max_new_tokens - 1):
+        position = position + 1
+        output = model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + step + 1], position_ids=position,
+                       use_cache=True, **{keyword: cache})
+        tokens = yield output.logits[:, -1]
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    functional: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations of left-padded prompts until every row has emitted EOS (or the budget ends).
+
+    ``prompt_ids``/``prompt_mask``: ``[B, P]``. Returns ``response_ids`` ``[B, R]`` (``R <=
+    max_new_tokens``; after a row's EOS its tokens are ``pad_token_id``) and the log-prob of each
+    sampled token under the sampled distribution, ``[B, R]`` float32 (meaningless after EOS: the
+    caller masks it). ``functional=None`` picks :class:`FunctionalDecoder` where it applies.
+    """
+    if functional is None:
+        functional = supports_functional(model)
+    steps = (functional_steps if functional else hf_forward_steps)(model, prompt_ids, prompt_mask, max_new_tokens)
+    batch = prompt_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    tokens_out: list[torch.Tensor] = []
+    logprobs_out: list[torch.Tensor] = []
+    logits = next(steps)
+    for step in range(max_new_tokens):
+        logprobs = sampling_logprobs(logits, temperature, top_p)
+        tokens = gumbel_max(logprobs)
+        logprobs_out.append(logprobs.gather(-1, tokens[:, None]).squeeze(-1))
+        tokens = tokens.masked_fill(finished, pad_token_id)
+        tokens_out.append(tokens)
+        finished = finished | (tokens == eos_token_id)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = steps.send(tokens)
+    steps.close()
+    return torch.stack(tokens_out, dim=1), torch.stack(logprobs_out, dim=1)
