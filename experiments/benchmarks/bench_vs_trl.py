@@ -98,7 +98,8 @@ def run_ours(size: str, steps: int, warmup: int, threads: int) -> dict:
 
     result = measure(our_overrides(size, threads), warmup=warmup, steps=steps - warmup)
     return {"step_median_s": result["step_median_s"], "parameters": result["parameters"],
-            "phase_median_s": result["phase_median_s"], "generated_tokens_per_step": result["generated_tokens_per_step"]}
+            "phase_median_s": result["phase_median_s"], "generated_tokens_per_step": result["generated_tokens_per_step"],
+            "step_s": result["step_s"], "setup_s": result["setup_s"]}
 
 
 def run_trl(spec: dict, warmup: int) -> dict:
@@ -217,6 +218,7 @@ def main() -> None:
         args.out.write_text(json.dumps(run_trl(json.loads(args.spec.read_text()), args.warmup)))
         return
 
+    args.trl_python = args.trl_python.absolute()  # not resolve(): the venv's python is a symlink to the base one
     if not args.trl_python.exists():
         sys.exit(f"no TRL venv at {args.trl_python}: run `make bench-trl` (or bash scripts/install_bench_trl.sh) first")
     if args.warmup >= args.steps:
