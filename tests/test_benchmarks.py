@@ -98,3 +98,23 @@ def test_bench_vs_trl_one_pair(tmp_path):
     summary = json.loads(out.read_text())["sizes"]["small"]
     assert summary["parameters"]["ours"] == summary["parameters"]["trl"]
     assert summary["ratio_wall"] > 0 and summary["ratio_step"] > 0
+
+
+def test_profile_summary_counts_only_the_rl_step(tmp_path):
+    """profile_step.py's reading of py-spy's collapsed stacks: phases and self time as % of the
+    samples inside the module's training_step; Lightning's Strategy.training_step alone is not the step."""
+    import profile_step
+
+    raw = tmp_path / "profile.raw"
+    step = "run (steer/app.py:1);Strategy.training_step (lightning/strategy.py:3);RLVRModule.training_step (steer/module.py:216)"
+    raw.write_text("\n".join([
+        f"{step};HFRolloutEngine.generate (steer/rollout/hf.py:76);Linear.forward (torch/linear.py:5) 30",
+        f"{step};RLVRModule._optimizer_step (steer/module.py:300);backward (torch/__init__.py:1) 50",
+        f"{step};RLVRModule._score_without_grad (steer/module.py:450);Linear.forward (torch/linear.py:5) 20",
+        "import_module (importlib/__init__.py:1) 400",
+        "Strategy.training_step (lightning/strategy.py:3);other (x.py:1) 7",
+    ]) + "\n")
+    text = profile_step.summarise(raw, top=5)
+    assert text.startswith("100 samples inside training_step")
+    assert " 30.0%  rollout (generate)" in text and " 50.0%  update: optimiser step" in text and " 20.0%  old_logprobs" in text
+    assert " 50.0%  Linear.forward (linear.py)" in text  # self time: 30 + 20 of the 100 step samples

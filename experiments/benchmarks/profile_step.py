@@ -29,14 +29,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-# Inclusive phase markers: the first function name of a stack that matches names its phase.
+# Inclusive phase markers: the first frame below training_step whose function is one of these
+# names its phase (py-spy writes frames as ``Class.function (package/file.py:line)``).
 PHASES = [
-    ("rollout (generate)", ("generate (",)),
-    ("old_logprobs", ("_score_without_grad (",)),
-    ("update: optimiser step", ("_optimizer_step (",)),
-    ("reward", ("score_safely (",)),
-    ("observers", ("before_update (", "after_optimizer_step (")),
+    ("rollout (generate)", {"generate", "sync_weights"}),
+    ("old_logprobs", {"_score_without_grad"}),
+    ("update: optimiser step", {"_optimizer_step"}),
+    ("reward", {"score_safely", "batch_decode"}),
+    ("observers", {"before_update", "after_optimizer_step"}),
 ]
+
+
+def function(frame: str) -> str:
+    """``Class.function (path/file.py:12)`` -> ``function``."""
+    return frame.split(" (", 1)[0].rsplit(".", 1)[-1]
+
+
+def is_rl_step(frame: str) -> bool:
+    """The module's training_step (not Lightning's Strategy.training_step that calls it)."""
+    return function(frame) == "training_step" and "steer/" in frame
+
+
+def is_wrapper(frame: str) -> bool:
+    """Decorator and dispatch frames (they would top every inclusive list and say nothing)."""
+    name = frame.split(" (", 1)[0]
+    return "<locals>" in name or function(frame) in {"_call_impl", "_wrapped_call_impl", "decorate_context"}
 
 
 def frame_name(frame: str) -> str:
@@ -53,7 +70,7 @@ def summarise(raw: Path, top: int) -> str:
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             stacks.append((stack.split(";"), int(count)))
-    inside = [(frames, count) for frames, count in stacks if any(f.startswith("training_step (") for f in frames)]
+    inside = [(frames, count) for frames, count in stacks if any(is_rl_step(f) for f in frames)]
     total = sum(count for _, count in inside)
     everything = sum(count for _, count in stacks)
     if not total:
@@ -62,12 +79,12 @@ def summarise(raw: Path, top: int) -> str:
     own = collections.Counter()
     inclusive = collections.Counter()
     for frames, count in inside:
-        step_at = next(i for i, f in enumerate(frames) if f.startswith("training_step ("))
+        step_at = next(i for i, f in enumerate(frames) if is_rl_step(f))
         below = frames[step_at + 1 :]
-        phase = next((name for name, marks in PHASES if any(f.startswith(marks) for f in below)), "other (metrics, loop)")
+        phase = next((name for f in below for name, marks in PHASES if function(f) in marks), "other (metrics, loop)")
         phases[phase] += count
         own[frame_name(frames[-1])] += count
-        for name in set(frame_name(f) for f in below):
+        for name in set(frame_name(f) for f in below if not is_wrapper(f)):
             inclusive[name] += count
     lines = [f"{total} samples inside training_step ({100 * total / everything:.0f}% of {everything} in the process)", "", "phase (inclusive)"]
     lines += [f"  {100 * c / total:5.1f}%  {name}" for name, c in phases.most_common()]
@@ -79,6 +96,9 @@ def summarise(raw: Path, top: int) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--summarise":  # re-read a kept --raw file
+        print(summarise(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 15))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="measured RL steps (after 1 warm-up step)")
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
