@@ -9,7 +9,8 @@ term (TRL ``beta=0``: no reference model), float32 on CPU, 2 torch threads, the 
 reward for both, no evaluation, no entropy probe, no logging, no checkpoints.
 
 Each run is its own subprocess (imports, thread pools and allocator state equal), the two systems
-alternate run by run (ours, TRL, ours, TRL, ...), and the machine's load average is printed beside
+alternate run by run (ours, TRL, TRL, ours, ours, TRL, ...: the start order flips every pair so
+a drifting load favours neither), and the machine's load average is printed beside
 every run. Reported per size: whole-process wall time for ``--steps`` RL steps (interpreter start
 to exit), median step time after ``--warmup`` steps (ours: the step clock of bench_step.py; TRL: a
 ``TrainerCallback`` timing ``on_step_begin`` -> ``on_step_end``, which includes its generation),
@@ -233,7 +234,8 @@ def main() -> None:
         spec_file.write_text(json.dumps(workload(size, args.steps, args.threads)))
         runs = {"ours": [], "trl": []}
         for pair in range(args.pairs):
-            for system in ("ours", "trl"):
+            # A B, then B A: a load that rises or falls during the run favours neither system.
+            for system in (("ours", "trl") if pair % 2 == 0 else ("trl", "ours")):
                 if system == "ours":
                     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--size", size, *common]
                 else:
