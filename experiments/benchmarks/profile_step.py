@@ -114,7 +114,9 @@ def main() -> None:
                "--warmup", "1", "--steps", str(args.steps), *args.overrides]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(REPO / "src"), os.environ.get("PYTHONPATH", "")] if p))
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    table = [line for line in done.stdout.splitlines() if line and not line.startswith(("┏", "┃", "┡", "│", "└"))][-14:]
+    lines = done.stdout.splitlines()
+    first = next((i for i, line in enumerate(lines) if " parameters, threads=" in line), max(len(lines) - 14, 0))
+    table = [line for line in lines[first:] if line and not line.startswith(("py-spy>", "┏", "┃", "┡", "│", "└"))]
     if done.returncode != 0 or not raw.exists():
         sys.exit(f"py-spy failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     summary = "\n".join(["bench_step: " + " ".join(args.overrides), *table, "", summarise(raw, args.top)])
