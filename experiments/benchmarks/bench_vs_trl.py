@@ -1,0 +1,277 @@
+"""The same GRPO workload in this project and in TRL's ``GRPOTrainer``, interleaved run by run.
+
+Workload (both systems): a random-init Qwen2 built by the project's own tiny-model builder (same
+architecture, same parameter count, same character tokenizer) at two sizes, the embedded arithmetic
+task's first prompts rendered by the chat template, 8 prompts x 8 samples = 64 completions per
+optimiser step, at most 48 new tokens, temperature 1, one optimiser step per rollout batch, the same
+learning rate (constant), AdamW, gradient clipping at 1, token-mean (DAPO) loss with clip 0.2, no KL
+term (TRL ``beta=0``: no reference model), float32 on CPU, 2 torch threads, the project's math
+reward for both, no evaluation, no entropy probe, no logging, no checkpoints.
+
+Each run is its own subprocess (imports, thread pools and allocator state equal), the two systems
+alternate run by run (ours, TRL, TRL, ours, ours, TRL, ...: the start order flips every pair so
+a drifting load favours neither), and the machine's load average is printed beside
+every run. Reported per size: whole-process wall time for ``--steps`` RL steps (interpreter start
+to exit), median step time after ``--warmup`` steps (ours: the step clock of bench_step.py; TRL: a
+``TrainerCallback`` timing ``on_step_begin`` -> ``on_step_end``, which includes its generation),
+and ratio = ours / TRL of both (median over the pairs).
+
+TRL lives only in its own venv (``make bench-trl`` or ``bash scripts/install_bench_trl.sh``)::
+
+    python experiments/benchmarks/bench_vs_trl.py --pairs 3 [--sizes small large] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
+
+# hidden, layers, heads of the tiny Qwen2 (character tokenizer): 305,568 and 2,382,528 parameters (vocabulary 100).
+SIZES = {"small": (96, 2, 4), "large": (192, 4, 4)}
+PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 48
+
+
+def our_overrides(size: str, threads: int) -> list[str]:
+    hidden, layers, heads = SIZES[size]
+    return [
+        "model.warmup=null",  # random init, as TRL gets it
+        f"model.tiny.hidden_size={hidden}",
+        f"model.tiny.num_layers={layers}",
+        f"model.tiny.num_heads={heads}",
+        f"algorithm.prompts_per_step={PROMPTS}",
+        f"algorithm.minibatch_prompts={PROMPTS}",  # one optimiser step per rollout batch, as TRL
+        f"algorithm.n={SAMPLES}",
+        f"rollout.max_new_tokens={NEW_TOKENS}",
+        f"threads={threads}",
+    ]
+
+
+def workload(size: str, steps: int, threads: int) -> dict:
+    """What the TRL worker needs, taken from the composed config of our run (so both see the same
+    model settings, prompts, learning rate, clipping and reward)."""
+    sys.path.insert(0, str(HERE))
+    from bench_step import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from steer.data.prompts import render_prompt
+    from steer.models.tiny import build_char_tokenizer
+
+    cfg = compose(our_overrides(size, threads))
+    tokenizer = build_char_tokenizer()
+    prompts = instantiate(cfg.data.train)
+    records = [prompts[i] for i in range(PROMPTS * steps)]  # our data order: step t takes t*8 .. t*8+7
+    return {
+        "size": size,
+        "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
+        "prompts": [render_prompt(r, tokenizer, bool(cfg.data.use_chat_template)) for r in records],
+        "references": [r.reference for r in records],
+        "reward": OmegaConf.to_container(cfg.reward, resolve=True),
+        "lr": float(cfg.algorithm.lr),
+        "weight_decay": float(cfg.algorithm.weight_decay),
+        "betas": list(cfg.algorithm.betas),
+        "grad_clip": float(cfg.algorithm.grad_clip),
+        "clip_low": float(cfg.algorithm.clip.low),
+        "clip_high": float(cfg.algorithm.clip.high),
+        "temperature": float(cfg.rollout.temperature),
+        "top_p": float(cfg.rollout.top_p),
+        "seed": int(cfg.seed),
+        "steps": steps,
+        "threads": threads,
+    }
+
+
+# ---------------------------------------------------------------------------------------- workers
+def run_ours(size: str, steps: int, warmup: int, threads: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    from bench_step import measure
+
+    result = measure(our_overrides(size, threads), warmup=warmup, steps=steps - warmup)
+    return {"step_median_s": result["step_median_s"], "parameters": result["parameters"],
+            "phase_median_s": result["phase_median_s"], "generated_tokens_per_step": result["generated_tokens_per_step"],
+            "step_s": result["step_s"], "setup_s": result["setup_s"]}
+
+
+def run_trl(spec: dict, warmup: int) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset
+    from hydra.utils import instantiate
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+    from steer.rewards.base import score_safely
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_policy(tokenizer, **spec["tiny"])
+    reward = instantiate(spec["reward"])
+
+    def math_reward(prompts, completions, reference, **_):
+        return list(score_safely(reward, completions, reference).scores)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    generation_batch = PROMPTS * SAMPLES
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=generation_batch,  # 64 completions in one optimiser step ...
+        gradient_accumulation_steps=1,
+        generation_batch_size=generation_batch,  # ... from one generation of 8 prompts x 8
+        num_generations=SAMPLES,
+        num_iterations=1,
+        max_completion_length=NEW_TOKENS,
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=spec["weight_decay"],
+        adam_beta1=spec["betas"][0],
+        adam_beta2=spec["betas"][1],
+        max_grad_norm=spec["grad_clip"],
+        beta=0.0,  # no KL term, no reference model (as ours with algorithm.kl.coef=0)
+        epsilon=spec["clip_low"],
+        epsilon_high=spec["clip_high"],
+        loss_type="dapo",  # token-mean over the batch (ours: loss_aggregation=token-mean)
+        temperature=spec["temperature"],
+        top_p=spec["top_p"],
+        top_k=0,
+        shuffle_dataset=False,  # our order of prompts
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,  # TRL's default is on; ours does not recompute
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=spec["seed"],
+    )
+    dataset = Dataset.from_dict({"prompt": spec["prompts"], "reference": spec["references"]})
+    clock = StepTimes()
+    trainer = GRPOTrainer(model=model, reward_funcs=[math_reward], args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    if len(clock.seconds) != spec["steps"]:
+        raise RuntimeError(f"TRL made {len(clock.seconds)} optimiser steps, expected {spec['steps']}")
+    return {"step_median_s": statistics.median(clock.seconds[warmup:]), "parameters": sum(p.numel() for p in model.parameters()),
+            "step_s": clock.seconds}
+
+
+# ---------------------------------------------------------------------------------------- driver
+def launch(command: list[str], env: dict) -> tuple[float, dict, str]:
+    """Run one worker; its whole-process wall time, its JSON result and the tail of its log."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    start = time.perf_counter()
+    done = subprocess.run([*command, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"worker failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return wall, result, done.stderr[-2000:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "large"])
+    parser.add_argument("--pairs", type=int, default=3, help="runs of each system per size (interleaved)")
+    parser.add_argument("--steps", type=int, default=12, help="RL steps (= optimiser steps) per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trl-python", type=Path, default=TRL_PYTHON, help="python of the venv with trl")
+    parser.add_argument("--json", type=Path, help="write every run and the ratios here")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+
+    if args.worker == "ours":
+        args.out.write_text(json.dumps(run_ours(args.size, args.steps, args.warmup, args.threads)))
+        return
+    if args.worker == "trl":
+        args.out.write_text(json.dumps(run_trl(json.loads(args.spec.read_text()), args.warmup)))
+        return
+
+    args.trl_python = args.trl_python.absolute()  # not resolve(): the venv's python is a symlink to the base one
+    if not args.trl_python.exists():
+        sys.exit(f"no TRL venv at {args.trl_python}: run `make bench-trl` (or bash scripts/install_bench_trl.sh) first")
+    if args.warmup >= args.steps:
+        sys.exit(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               TOKENIZERS_PARALLELISM="false")
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    report = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "sizes": {}}
+    print(f"{'size':>5} {'system':>6} {'pair':>4} {'params':>9} {'wall_s':>7} {'step_med_s':>10}  load average", flush=True)
+    for size in args.sizes:
+        spec_file = Path(tempfile.mkdtemp(prefix="bench-vs-trl-")) / f"{size}.json"
+        spec_file.write_text(json.dumps(workload(size, args.steps, args.threads)))
+        runs = {"ours": [], "trl": []}
+        for pair in range(args.pairs):
+            # A B, then B A: a load that rises or falls during the run favours neither system.
+            for system in (("ours", "trl") if pair % 2 == 0 else ("trl", "ours")):
+                if system == "ours":
+                    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--size", size, *common]
+                else:
+                    command = [str(args.trl_python), str(Path(__file__).resolve()), "--worker", "trl", "--spec", str(spec_file), *common]
+                load = os.getloadavg()
+                wall, result, _ = launch(command, env)
+                result.update(wall_s=wall, load_average=list(load))
+                runs[system].append(result)
+                print(f"{size:>5} {system:>6} {pair:>4} {result['parameters']:>9,} {wall:7.2f} {result['step_median_s']:10.4f}  "
+                      f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+        ours, trl = runs["ours"], runs["trl"]
+        wall_ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(ours, trl)]
+        step_ratios = [a["step_median_s"] / b["step_median_s"] for a, b in zip(ours, trl)]
+        summary = {
+            "parameters": {"ours": ours[0]["parameters"], "trl": trl[0]["parameters"]},
+            "wall_s_median": {"ours": statistics.median(r["wall_s"] for r in ours), "trl": statistics.median(r["wall_s"] for r in trl)},
+            "step_s_median": {"ours": statistics.median(r["step_median_s"] for r in ours),
+                              "trl": statistics.median(r["step_median_s"] for r in trl)},
+            "ratio_wall": statistics.median(wall_ratios),
+            "ratio_step": statistics.median(step_ratios),
+            "ratio_wall_pairs": wall_ratios,
+            "ratio_step_pairs": step_ratios,
+            "runs": runs,
+        }
+        report["sizes"][size] = summary
+    print(f"\nratio = ours / TRL (median over {args.pairs} interleaved pairs; {args.steps} RL steps per run, "
+          f"step medians after {args.warmup} warm-up steps, {args.threads} threads)")
+    print(f"{'size':>5} {'params ours/trl':>17} {'wall ours':>9} {'wall trl':>8} {'ratio':>6} {'step ours':>9} {'step trl':>8} {'ratio':>6}")
+    for size, s in report["sizes"].items():
+        print(f"{size:>5} {s['parameters']['ours']:>8,}/{s['parameters']['trl']:<8,} {s['wall_s_median']['ours']:9.2f} "
+              f"{s['wall_s_median']['trl']:8.2f} {s['ratio_wall']:6.2f} {s['step_s_median']['ours']:9.3f} "
+              f"{s['step_s_median']['trl']:8.3f} {s['ratio_step']:6.2f}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmark scripts in experiments/benchmarks/: they run end to end on today's
+code at the smallest size and report positive, consistent numbers (the numbers themselves are the
+scripts' job, not the tests')."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "experiments" / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+SMALLEST = [
+    "model.warmup=null",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "algorithm.n=4",
+    "algorithm.prompts_per_step=4",
+    "algorithm.minibatch_prompts=2",
+    "rollout.max_new_tokens=12",
+    "threads=1",
+]
+
+
+def test_bench_step_reports_every_phase_and_rate(tmp_path):
+    import bench_step
+
+    out = tmp_path / "step.json"
+    bench_step.main(["--warmup", "1", "--steps", "2", "--json", str(out), *SMALLEST])
+    result = json.loads(out.read_text())
+    assert result["measured_steps"] == 2 and len(result["step_s"]) == 2
+    # The module's own phase timers, all present; the measured phases add up to less than the step.
+    for phase in ("rollout", "reward", "old_logprobs", "update"):
+        assert result["phase_median_s"][phase] > 0, phase
+    phases = sum(v for k, v in result["phase_median_s"].items() if k != "other")
+    assert 0 < phases <= result["step_median_s"] * 1.05
+    assert result["parameters"] > 1000
+    # 4 prompts x 4 samples, at most 12 new tokens each.
+    assert 0 < result["generated_tokens_per_step"] <= 16 * 12
+    assert result["generated_tokens_per_s"] > 0 and result["trained_tokens_per_s"] == pytest.approx(result["generated_tokens_per_s"])
+    assert result["peak_rss_mb"] > 50
+
+
+def test_bench_step_rejects_no_measured_steps():
+    import bench_step
+
+    with pytest.raises(ValueError, match="steps >= 1"):
+        bench_step.measure(SMALLEST, warmup=0, steps=0)
+
+
+def test_bench_interventions_quick_covers_presets_and_minibatch_pass(tmp_path):
+    import bench_interventions
+
+    out = tmp_path / "interventions.json"
+    bench_interventions.main(["--quick", "--presets", "steer", "clip_cov", "--json", str(out), "threads=1"])
+    result = json.loads(out.read_text())
+    assert result["presets"] == ["grpo", "steer", "clip_cov"]
+    for name in result["presets"]:
+        assert result["loss_backward_ms_median"][name] > 0
+        assert result["step_ms_median"][name] > 0
+    assert result["table"]["grpo"]["overhead_ms_per_rl_step"] == 0
+    assert result["optimizer_steps_per_rl_step"] == 2  # 4 prompts per step, 2 per mini-batch
+
+
+def test_bench_interventions_lists_every_preset():
+    import bench_interventions
+
+    names = bench_interventions.presets()
+    on_disk = {p.stem for p in (REPO / "conf" / "intervention").glob("*.yaml")}
+    assert names[0] == "grpo" and set(names) == on_disk and len(names) == len(on_disk)
+
+
+def test_bench_vs_trl_workload_matches_our_config():
+    """The spec handed to the TRL worker: our model settings, our first prompts, the same knobs."""
+    import bench_vs_trl
+
+    spec = bench_vs_trl.workload("small", steps=2, threads=1)
+    hidden, layers, heads = bench_vs_trl.SIZES["small"]
+    assert (spec["tiny"]["hidden_size"], spec["tiny"]["num_layers"], spec["tiny"]["num_heads"]) == (hidden, layers, heads)
+    assert len(spec["prompts"]) == len(spec["references"]) == 2 * bench_vs_trl.PROMPTS
+    assert all(isinstance(p, str) and p for p in spec["prompts"])
+    assert spec["prompts"][0] != spec["prompts"][1]
+    assert spec["lr"] > 0 and spec["reward"]["_target_"].endswith("MathReward")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / ".venv-trl" / "bin" / "python").exists(), reason="needs the TRL venv: make bench-trl")
+def test_bench_vs_trl_one_pair(tmp_path):
+    out = tmp_path / "vs_trl.json"
+    command = [sys.executable, str(BENCH / "bench_vs_trl.py"), "--pairs", "1", "--sizes", "small", "--steps", "3",
+               "--warmup", "1", "--threads", "1", "--json", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    summary = json.loads(out.read_text())["sizes"]["small"]
+    assert summary["parameters"]["ours"] == summary["parameters"]["trl"]
+    assert summary["ratio_wall"] > 0 and summary["ratio_step"] > 0
+
+
+def test_profile_summary_counts_only_the_rl_step(tmp_path):
+    """profile_step.py's reading of py-spy's collapsed stacks: phases and self time as % of the
+    samples inside the module's training_step; Lightning's Strategy.training_step alone is not the step."""
+    import profile_step
+
+    raw = tmp_path / "profile.raw"
+    step = "run (steer/app.py:1);Strategy.training_step (lightning/strategy.py:3);RLVRModule.training_step (steer/module.py:216)"
+    raw.write_text("\n".join([
+        f"{step};HFRolloutEngine.generate (steer/rollout/hf.py:76);Linear.forward (torch/linear.py:5) 30",
+        f"{step};RLVRModule._optimizer_step (steer/module.py:300);backward (torch/__init__.py:1) 50",
+        f"{step};RLVRModule._score_without_grad (steer/module.py:450);Linear.forward (torch/linear.py:5) 20",
+        "import_module (importlib/__init__.py:1) 400",
+        "Strategy.training_step (lightning/strategy.py:3);other (x.py:1) 7",
+    ]) + "\n")
+    text = profile_step.summarise(raw, top=5)
+    assert text.startswith("100 samples inside training_step")
+    assert " 30.0%  rollout (generate)" in text and " 50.0%  update: optimiser step" in text and " 20.0%  old_logprobs" in text
+    assert " 50.0%  Linear.forward (linear.py)" in text  # self time: 30 + 20 of the 100 step samples
