@@ -118,18 +118,19 @@ def test_pass_at_16_and_32_of_a_known_32_sample_matrix() -> None:
 
 
 def test_order_signature_parses_the_worked_line_and_tells_orders_apart() -> None:
-    assert order_signature("45+30=75, 75+12=87. \\boxed{87}") == ((45, 30), (75, 12))
-    assert order_signature("12+30=42, 42+45=87. \\boxed{87}") == ((12, 30), (42, 45))
+    assert order_signature("45+30=75, 75+12=87. \\boxed{87}") == (45, 30, 12)
+    assert order_signature("12+30=42, 42+45=87. \\boxed{87}") == (12, 30, 45)
+    assert order_signature("45+30=76, 76+12=87. \\boxed{87}") == (45, 30, 12)  # a slip in a partial sum: same order
     assert order_signature("30+45=75, 75+12=87. \\boxed{87}") != order_signature("45+30=75, 75+12=87. \\boxed{87}")
     assert order_signature("\\boxed{87}") is None and order_signature("no idea") is None
-    assert order_signature("4+5=9. \\boxed{1+2=3}") == ((4, 5),)  # the boxed part is never a step
+    assert order_signature("4+5=9. \\boxed{1+2=3}") == (4, 5)  # the boxed part is never a step
     # Every one of the task's own worked solutions parses, and the 6 orders of 3 terms give 6 signatures.
     import random
 
     terms = [12, 45, 30]
     seen = {order_signature(ArithmeticTask.solution(terms, random.Random(seed))) for seed in range(200)}
     assert len(seen) == 6 and None not in seen
-    assert all(sorted([pairs[0][0], pairs[0][1], pairs[1][1]]) == sorted(terms) for pairs in seen)
+    assert all(sorted(order) == sorted(terms) for order in seen)
 
 
 def test_solution_diversity_counts_distinct_signatures_among_correct_samples() -> None:
