@@ -26,11 +26,13 @@
 # than 1 x 2 threads for this tiny model). Every part writes its own MLflow store
 # (OUT/partN/mlflow.db); experiments/compare.py merges them into OUT/comparison/.
 #
-# How long (2 cores, PARALLEL=2, threads=1; step times of experiments/study/results/paper_regime_pilot.md):
-#   wall ~ arms x seeds x (steps x s/step + evals x s/eval) / PARALLEL + seeds x warm-up / PARALLEL.
-#   See that file for the measured s/step and the estimate per regime; at the default ARMS (12) x 3
-#   seeds x 250 steps neither regime fits in ~2 h on 2 cores: use the cut arm lists it gives
-#   (cut arms, never seeds), e.g. STUDY_ARMS_CUT below.
+# How long (2 cores, PARALLEL=2, threads=1; measured in experiments/study/results/paper_regime_pilot.md):
+#   wall ~ arms x seeds x (steps x s/step + evals x s/eval) / PARALLEL, + seeds x warm-up / PARALLEL
+#   (a warm-up: ~625 supervised steps, a few minutes on a quiet machine). Quiet machine, 3 seeds,
+#   250 steps, 6 evaluations of 32 samples (~25 s each): default regime ~1.2 s/step -> 12 arms ~2.3 h
+#   (10 arms ~1.9 h); paper_regime_small ~3 s/step -> 12 arms ~4.5 h, so cut ARMS (never seeds) to
+#   grpo,clip_higher,kl_cov,steer,grpo_extreme,steer_extreme (~2.3 h; ~2.1 h with EVAL_EVERY=125).
+#   Under load from other jobs, 2-3x longer.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
