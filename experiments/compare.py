@@ -8,7 +8,8 @@ overlaid entropy / accuracy curves per intervention.
 
 A run's method is its param ``intervention.name`` (or the params named by ``--label-by``, joined by
 " / ") and its seed the param ``seed`` (runs are named ``<intervention>_seed<seed>``). Table
-columns: every ``eval/<benchmark>/mean_at_<k>`` at the run's last logged step, the training token
+columns: every ``eval/<benchmark>/mean_at_<k>`` (and, where logged, ``pass_at_<j>`` for j > 1,
+``distinct_solutions`` and ``solution_entropy``) at the run's last logged step, the training token
 entropy (``actor/entropy``) at the first and last step, and the held-out entropy
 (``eval/<benchmark>/entropy``) at the last evaluation. With ``--select-by METRIC`` the eval columns
 are read at the evaluation where METRIC was best instead (checkpoint selection, as the STEER paper
@@ -39,6 +40,8 @@ from steer.tracking import open_store
 
 KIND_TAG, COMPARISON = "steer.kind", "comparison"
 EVAL_ACCURACY = re.compile(r"^eval/(?P<benchmark>[^/]+)/mean_at_(?P<k>\d+)$")
+# Held-out columns beside mean@k: pass@j for j > 1 (pass_at_1 equals mean@k) and solution diversity.
+EVAL_EXTRA = re.compile(r"^eval/[^/]+/(pass_at_(?!1$)\d+|distinct_solutions|solution_entropy)$")
 
 
 @dataclass
@@ -108,7 +111,7 @@ def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: s
                     if selected not in dict(curves[key]):
                         continue  # this benchmark was not evaluated at the selected step
                     value = dict(curves[key])[selected]
-                if EVAL_ACCURACY.match(key):
+                if EVAL_ACCURACY.match(key) or EVAL_EXTRA.match(key):
                     final[key] = value
                 elif key.startswith("eval/") and key.endswith("/entropy"):
                     final[f"{key} (end)" if selected is None else f"{key} (selected)"] = value
@@ -140,8 +143,8 @@ def mean_and_ci(values: Sequence[float]) -> tuple[float, float]:
 def table(runs: Sequence[RunData], methods: Sequence[str] | None = None) -> tuple[list[str], list[str], dict]:
     """``(methods, columns, cells)`` with ``cells[(method, column)] = (mean, ci, n, values)``."""
     methods = list(methods or dict.fromkeys(r.method for r in runs))
-    accuracy = sorted({c for r in runs for c in r.final if EVAL_ACCURACY.match(c)})
-    entropy = sorted({c for r in runs for c in r.final if not EVAL_ACCURACY.match(c)})
+    accuracy = sorted({c for r in runs for c in r.final if EVAL_ACCURACY.match(c) or EVAL_EXTRA.match(c)})
+    entropy = sorted({c for r in runs for c in r.final if not (EVAL_ACCURACY.match(c) or EVAL_EXTRA.match(c))})
     columns = accuracy + entropy
     cells = {}
     for method in methods:

@@ -141,3 +141,54 @@ def test_code_eval_preset_builds_and_scores_a_canonical_solution(tmp_path):
     scored = benchmarks["humaneval_plus"].reward([solution, "```python\ndef has_close_elements(a, b):\n    return True\n```"],
                                                  [record.reference, record.reference])
     assert scored.correct == [True, False]
+
+
+STUDY_SEEDING = ["model.tiny.seed=${seed}", "model.warmup.seed=${seed}"]  # as experiments/study/run_study.sh
+
+
+def test_paper_regime_small_makes_16_optimizer_steps_and_logs_pass_at_32_and_orders(tmp_path):
+    """The preset as written has the paper's 16 optimiser steps per rollout batch; a tiny run of it with
+    the study's held-out settings (32 samples, pass@16/32) logs the diversity keys."""
+    written = compose(["+experiment=paper_regime_small"], tmp_path)
+    assert written.algorithm.prompts_per_step // written.algorithm.minibatch_prompts == 16
+    assert written.algorithm.epochs == 1 and written.algorithm.lr < 1e-4
+    assert written.eval.benchmarks.arithmetic.diversity == "steer.data.arithmetic.order_signature"
+    cut = [o for o in tiny_overrides("paper_regime_small", tmp_path)
+           if not o.startswith(("algorithm.prompts_per_step=", "algorithm.minibatch_prompts=", "algorithm.steps=",
+                                "eval.benchmarks.arithmetic.samples_per_prompt="))]
+    overrides = cut + ["algorithm.steps=1", "algorithm.n=2", "data.task.num_heldout=6",
+                       "eval.benchmarks.arithmetic.samples_per_prompt=32",
+                       "eval.benchmarks.arithmetic.pass_at_k=[1,4,16,32]", STUDY_SEEDING[0]]  # TINY drops the warm-up
+    metrics = run(compose(overrides, tmp_path))
+    assert metrics["batch/optimizer_steps"] == 16
+    lines = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    for line in lines:
+        logged = line["metrics"]
+        assert {"pass_at_16", "pass_at_32", "mean_at_32", "diversity_prompts"} <= set(logged)
+        assert logged["pass_at_1"] <= logged["pass_at_16"] <= logged["pass_at_32"]
+        # the random tiny policy rarely solves a sum; where it does, the order counts are there
+        assert ("distinct_solutions" in logged) == (logged["diversity_prompts"] > 0)
+        assert line["extra"]["diversity"] == "steer.data.arithmetic.order_signature"
+
+
+def test_study_seeding_gives_each_seed_its_own_warmup_cache_key(tmp_path):
+    """run_study.sh's model.tiny.seed=${seed} model.warmup.seed=${seed}: one warm-up per seed (the
+    cache key hashes the resolved settings); without them every seed shares seed 0's warm-up."""
+    from hydra.utils import instantiate
+
+    from steer.models.warmup import WarmupConfig, warmup_key
+
+    def key(overrides: list[str]) -> str:
+        cfg = compose(overrides, tmp_path)
+        tiny = OmegaConf.to_container(cfg.model.tiny, resolve=True)
+        warmup = OmegaConf.to_container(cfg.model.warmup, resolve=True)
+        assert tiny["seed"] == warmup["seed"]
+        task = instantiate(cfg.data.task)  # as steer.models.loader passes it
+        return warmup_key(task, WarmupConfig(**warmup), tiny, "char-tokenizer-v1")
+
+    per_seed = [key([f"seed={seed}", *STUDY_SEEDING]) for seed in (1, 2, 3)]
+    assert len(set(per_seed)) == 3
+    assert key(["seed=1"]) == key(["seed=2"])  # the embedded default is unchanged: one shared warm-up
+    # the regime does not enter the key: both regimes start seed k from the same warmed-up policy
+    assert key(["seed=2", "+experiment=paper_regime_small", *STUDY_SEEDING]) == per_seed[1]

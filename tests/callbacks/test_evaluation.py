@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -179,3 +180,32 @@ def test_all_prompts_too_long_gives_counts_only():
     module = FakeModule(script())
     metrics = evaluate_benchmark(module, Benchmark("long", records(), samples_per_prompt=2), max_prompt_length=1)
     assert metrics == {"prompts": 0.0, "dropped_prompts": 3.0}
+
+
+def test_diversity_metrics_count_addition_orders_of_correct_samples():
+    """The arithmetic order signature through the whole evaluation path, against hand counts."""
+    first, other, swapped = "1+2=3, 3+4=7. \\boxed{7}", "2+4=6, 6+1=7. \\boxed{7}", "2+1=3, 3+4=7. \\boxed{7}"
+    wrong = "1+2=3, 3+4=8. \\boxed{8}"
+    scripted = [[first, first, other, wrong],      # 3 correct, 2 orders
+                [swapped, first, other, "\\boxed{7}"],  # 4 correct: 3 orders + the unparsed class
+                [wrong, wrong, wrong, wrong]]      # none correct: not in the diversity means
+    module = FakeModule(scripted)
+    records = [PromptRecord(f"Q{i}", "7") for i in range(3)]
+    benchmark = Benchmark("sums", records, samples_per_prompt=4, pass_at_k=[1, 4],
+                          diversity="steer.data.arithmetic.order_signature")
+    metrics = evaluate_benchmark(module, benchmark, max_prompt_length=64)
+    assert metrics["diversity_prompts"] == 2
+    assert metrics["distinct_solutions"] == pytest.approx((2 + 4) / 2)
+    h_first = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert metrics["solution_entropy"] == pytest.approx((h_first + math.log(4)) / 2)
+    assert metrics["unparsed_solution_share"] == pytest.approx((0 + 1 / 4) / 2)
+    assert metrics["distinct_solutions_ci_low"] <= 3 <= metrics["distinct_solutions_ci_high"]
+    assert metrics["pass_at_4"] == pytest.approx(2 / 3)
+
+    module = FakeModule(scripted)  # the generic signature: distinct response texts (whitespace collapsed)
+    metrics = evaluate_benchmark(module, replace(benchmark, diversity="response"), max_prompt_length=64)
+    assert metrics["distinct_solutions"] == pytest.approx((2 + 4) / 2)
+    module = FakeModule(scripted)
+    assert "distinct_solutions" not in evaluate_benchmark(module, replace(benchmark, diversity=None), 64)
+    with pytest.raises(ValueError, match="diversity"):
+        Benchmark("sums", records, diversity="steer.data.arithmetic.no_such_function")

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from steer.eval.metrics import bootstrap_ci, maj_at_k, mean_at_k, pass_at_k, pass_at_k_mean
+from steer.data.arithmetic import ArithmeticTask, order_signature
+from steer.eval.metrics import bootstrap_ci, maj_at_k, mean_at_k, pass_at_k, pass_at_k_mean, solution_diversity
 
 
 def brute_force_pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -101,3 +102,50 @@ def test_bootstrap_ci_edge_cases() -> None:
         bootstrap_ci([])
     with pytest.raises(ValueError):
         bootstrap_ci([1.0, 0.0], confidence=1.5)
+
+
+def test_pass_at_16_and_32_of_a_known_32_sample_matrix() -> None:
+    """The study's large k: per prompt 1 - C(32-c, k) / C(32, k) (exact integers), then the mean."""
+    rng = np.random.default_rng(3)
+    correct = rng.random((5, 32)) < np.array([[0.0], [0.03], [0.1], [0.5], [1.0]])
+    correct[1, :] = False
+    correct[1, 7] = True  # one correct sample in 32: pass@16 = 1/2, pass@32 = 1
+    for k in (16, 32):
+        expected = np.mean([1 - math.comb(32 - int(c), k) / math.comb(32, k) for c in correct.sum(axis=1)])
+        assert pass_at_k_mean(correct, k) == pytest.approx(expected, abs=1e-12)
+    assert pass_at_k(32, 1, 16) == pytest.approx(0.5)
+    assert pass_at_k(32, 1, 32) == 1.0 and pass_at_k(32, 0, 32) == 0.0
+
+
+def test_order_signature_parses_the_worked_line_and_tells_orders_apart() -> None:
+    assert order_signature("45+30=75, 75+12=87. \\boxed{87}") == (45, 30, 12)
+    assert order_signature("12+30=42, 42+45=87. \\boxed{87}") == (12, 30, 45)
+    assert order_signature("45+30=76, 76+12=87. \\boxed{87}") == (45, 30, 12)  # a slip in a partial sum: same order
+    assert order_signature("30+45=75, 75+12=87. \\boxed{87}") != order_signature("45+30=75, 75+12=87. \\boxed{87}")
+    assert order_signature("\\boxed{87}") is None and order_signature("no idea") is None
+    assert order_signature("4+5=9. \\boxed{1+2=3}") == (4, 5)  # the boxed part is never a step
+    # Every one of the task's own worked solutions parses, and the 6 orders of 3 terms give 6 signatures.
+    import random
+
+    terms = [12, 45, 30]
+    seen = {order_signature(ArithmeticTask.solution(terms, random.Random(seed))) for seed in range(200)}
+    assert len(seen) == 6 and None not in seen
+    assert all(sorted(order) == sorted(terms) for order in seen)
+
+
+def test_solution_diversity_counts_distinct_signatures_among_correct_samples() -> None:
+    a, b, c = ((1, 2), (3, 3)), ((2, 1), (3, 3)), ((3, 3), (6, 3))
+    signatures = [[a, a, b, c], [a, b, None, None], [c, c, c, c]]
+    correct = [[True, True, True, False],   # a, a, b correct: 2 orders, shares 2/3, 1/3
+               [True, False, True, True],   # a, None, None: 2 classes (None counts as one), 1/3 unparsed x2
+               [False, False, False, False]]  # no correct sample: left out
+    result = solution_diversity(signatures, correct)
+    assert result["distinct"].tolist() == [2, 2]
+    assert result["correct"].tolist() == [3, 3]
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert result["entropy"] == pytest.approx([h, h])
+    assert result["unparsed"] == pytest.approx([0.0, 2 / 3])
+    with pytest.raises(ValueError, match="shape"):
+        solution_diversity([[a]], correct)
+    empty = solution_diversity([[a, b]], [[False, False]])
+    assert empty["distinct"].size == 0

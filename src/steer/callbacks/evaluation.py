@@ -8,6 +8,10 @@ a reward and logs, under ``eval/<benchmark>/``:
   all k samples;
 - ``maj_at_<j>`` for each j of ``maj_at_k``: accuracy of the majority answer among the first j
   samples (only with a reward that can extract answers, e.g. :class:`~steer.rewards.math.MathReward`);
+- with a ``diversity`` signature (e.g. the arithmetic task's addition order): ``distinct_solutions``
+  (distinct signatures among a prompt's correct samples), ``solution_entropy`` (nats), both averaged
+  over the prompts with at least one correct sample (``diversity_prompts`` of them), and
+  ``unparsed_solution_share``;
 - each of those with a percentile-bootstrap 95% interval over prompts: ``<metric>_ci_low`` / ``_ci_high``;
 - ``entropy`` (token-mean entropy of the sampled positions, at the sampling temperature, before
   top-p), ``response_length_mean``, ``truncated_rate``,
@@ -22,12 +26,13 @@ Results also go to ``eval_results.jsonl`` in the run folder, one line per (step,
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import lightning as L
 import numpy as np
@@ -38,7 +43,7 @@ from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.data.prompts import encode_prompts
 from steer.data.records import PromptRecord
 from steer.distributed import gather_objects, rank, world_size
-from steer.eval.metrics import bootstrap_ci, maj_at_k, pass_at_k
+from steer.eval.metrics import bootstrap_ci, maj_at_k, pass_at_k, solution_diversity
 from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import SamplingParams
 
@@ -67,6 +72,14 @@ class Benchmark:
     use_chat_template: bool = True
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
+    diversity: str | None = None
+    """How to tell solutions apart for the diversity metrics: ``"response"`` (the response text with
+    whitespace collapsed), or the dotted path of a function ``response -> hashable | None`` (the
+    arithmetic task's ``steer.data.arithmetic.order_signature``); None: no diversity metrics."""
+
+    def __post_init__(self) -> None:
+        if self.diversity is not None:
+            signature_function(self.diversity, self.name)  # fail at start-up, not at the first evaluation
 
 
 @dataclass
@@ -87,6 +100,8 @@ class BenchmarkSamples:
     """``[num_prompts, k]`` booleans."""
     answers: list[list[str | None]] | None
     """Extracted (normalised) answer of each sample, or None when the reward cannot extract answers."""
+    signatures: list[list[Hashable | None]] | None = None
+    """Diversity signature of each sample, or None without a ``diversity`` setting."""
     entropy_sum: float = 0.0
     token_count: float = 0.0
     truncated: float = 0.0
@@ -109,6 +124,26 @@ def answer_extractor(reward) -> Callable[[str], str | None] | None:
 
         return extract
     return None
+
+
+def response_signature(response: str) -> str:
+    """The generic diversity signature: the response text with runs of whitespace collapsed."""
+    return " ".join(response.split())
+
+
+def signature_function(diversity: str, benchmark: str = "?") -> Callable[[str], Hashable | None]:
+    """The function a benchmark's ``diversity`` setting names (``"response"`` or a dotted path)."""
+    if diversity == "response":
+        return response_signature
+    module_name, _, attribute = diversity.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute) if module_name else None
+    except (ImportError, AttributeError):
+        function = None
+    if not callable(function):
+        raise ValueError(f"eval.benchmarks.{benchmark}.diversity={diversity!r} is neither 'response' nor the "
+                         "dotted path of a function response -> signature (e.g. steer.data.arithmetic.order_signature)")
+    return function
 
 
 def _safe_extract(extract: Callable[[str], str | None], response: str) -> str | None:
@@ -146,10 +181,13 @@ def summarize(
     maj_ks: Sequence[int],
     num_resamples: int = 1000,
     confidence: float = 0.95,
+    signatures: list[list[Hashable | None]] | None = None,
 ) -> dict[str, float]:
-    """mean@k, pass@j, maj@j of a ``[num_prompts, k]`` correctness matrix, each with its bootstrap CI.
+    """mean@k, pass@j, maj@j of a ``[num_prompts, k]`` correctness matrix, each with its bootstrap CI;
+    with ``signatures``, the diversity of the correct samples (:func:`solution_diversity`).
 
-    Every metric is a mean over prompts of a per-prompt value; the CI resamples prompts.
+    Every metric is a mean over prompts of a per-prompt value; the CI resamples prompts (for the
+    diversity metrics, the prompts with at least one correct sample).
     """
     correct = np.asarray(correct, dtype=bool)
     num_samples = correct.shape[1]
@@ -161,7 +199,15 @@ def summarize(
             per_prompt[f"maj_at_{j}"] = np.array(
                 [maj_at_k([row_answers], [row_correct], j) for row_answers, row_correct in zip(answers, correct)]
             )
+    if signatures is not None:
+        diversity = solution_diversity(signatures, correct)
+        if diversity["distinct"].size:  # no correct sample at all: nothing to tell apart
+            per_prompt["distinct_solutions"] = diversity["distinct"]
+            per_prompt["solution_entropy"] = diversity["entropy"]
+            per_prompt["unparsed_solution_share"] = diversity["unparsed"]
     metrics: dict[str, float] = {}
+    if signatures is not None:  # always logged, so that a run without any correct sample still shows why
+        metrics["diversity_prompts"] = float(diversity["distinct"].size)
     for name, values in per_prompt.items():
         metrics[name] = float(values.mean())
         low, high = bootstrap_ci(values, num_resamples=num_resamples, confidence=confidence)
@@ -173,6 +219,7 @@ def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> Be
     """Generate ``k`` responses per prompt with the module's rollout engine; score and measure them."""
     reward = benchmark.reward or module.reward
     extract = answer_extractor(reward)
+    signature = signature_function(benchmark.diversity, benchmark.name) if benchmark.diversity else None
     k = samples_per_prompt(benchmark)
     records, prompt_ids, dropped = encode_prompts(
         benchmark.records, module.tokenizer, max_prompt_length, benchmark.use_chat_template,
@@ -180,7 +227,8 @@ def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> Be
     )
     params = SamplingParams(benchmark.temperature, benchmark.top_p, benchmark.max_new_tokens, n=k)
     chunk_tokens = getattr(getattr(module, "algorithm", None), "logprob_chunk_tokens", 4096)
-    samples = BenchmarkSamples(np.zeros((0, k), dtype=bool), [] if extract else None, dropped_prompts=dropped)
+    samples = BenchmarkSamples(np.zeros((0, k), dtype=bool), [] if extract else None,
+                               signatures=[] if signature else None, dropped_prompts=dropped)
     correct_rows = []
     module.rollout_engine.sync_weights(module.policy)
     progress = tqdm(total=len(records), desc=f"eval {benchmark.name}", unit="prompt", disable=None, leave=False)
@@ -193,6 +241,9 @@ def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> Be
         if extract is not None:
             answers = [_safe_extract(extract, response) for response in responses]
             samples.answers.extend(answers[row * k : (row + 1) * k] for row in range(len(chunk)))
+        if signature is not None:
+            signed = [_safe_extract(signature, response) for response in responses]
+            samples.signatures.extend(signed[row * k : (row + 1) * k] for row in range(len(chunk)))
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
         with torch.no_grad():  # entropy of the tempered distribution (before top-p) at each sampled position
             for first in range(0, rollout.response_ids.shape[0], benchmark.entropy_batch_size):
@@ -223,9 +274,11 @@ def rank_share(records: Sequence[PromptRecord], rank: int, world_size: int) -> l
 def merge_samples(parts: Sequence[BenchmarkSamples]) -> BenchmarkSamples:
     """The ranks' samples (in rank order) as if one process had sampled every prompt."""
     answers = None if parts[0].answers is None else [row for part in parts for row in part.answers]
+    signatures = None if parts[0].signatures is None else [row for part in parts for row in part.signatures]
     return BenchmarkSamples(
         correct=np.concatenate([part.correct for part in parts]),
         answers=answers,
+        signatures=signatures,
         entropy_sum=sum(part.entropy_sum for part in parts),
         token_count=sum(part.token_count for part in parts),
         truncated=sum(part.truncated for part in parts),
@@ -251,7 +304,7 @@ def evaluate_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> 
     pass_ks = _valid_ks(benchmark.pass_at_k, k, "pass_at_k", benchmark.name)
     maj_ks = _valid_ks(benchmark.maj_at_k, k, "maj_at_k", benchmark.name)
     metrics.update(summarize(samples.correct, samples.answers, pass_ks, maj_ks,
-                             benchmark.bootstrap_resamples, benchmark.confidence))
+                             benchmark.bootstrap_resamples, benchmark.confidence, samples.signatures))
     sequences = num_prompts * k
     metrics["entropy"] = samples.entropy_sum / max(samples.token_count, 1.0)
     metrics["response_length_mean"] = samples.token_count / sequences
@@ -310,6 +363,7 @@ class EvaluationCallback(L.Callback):
             "temperature": benchmark.temperature,
             "top_p": benchmark.top_p,
             "max_new_tokens": benchmark.max_new_tokens,
+            "diversity": benchmark.diversity,
             "reward": "trainer's reward" if benchmark.reward is None
             else f"{type(benchmark.reward).__name__}(mode={getattr(benchmark.reward, 'mode', None)!r})",
         }

@@ -14,6 +14,7 @@ run sees the same stream. The held-out split is a fixed set of problems that tra
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
@@ -100,3 +101,24 @@ class ArithmeticPrompts(Dataset):
 def heldout_records(task: ArithmeticTask) -> list[PromptRecord]:
     """The fixed held-out split (a config-friendly function for ``eval.benchmarks``)."""
     return task.heldout()
+
+
+_WORKED_STEP = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=")
+
+
+def order_signature(response: str) -> tuple[int, ...] | None:
+    """The order in which a response adds the terms, read from its worked line.
+
+    ``"45+30=75, 75+12=87. \\boxed{87}"`` -> ``(45, 30, 12)``: both operands of the first step, then
+    the right operand of every later step. The written partial sums are ignored, so a slip in an
+    intermediate sum does not make a new "order". Every permutation of the terms is its own order
+    (3 terms: 6 orders, ``a+b`` and ``b+a`` counted apart, as the warm-up writes both). Only the text
+    before ``\\boxed`` is read, so the boxed result never counts as a step. ``None`` when no
+    ``x+y=`` step is found (e.g. a bare ``\\boxed{87}``): the caller decides how such responses count
+    (the held-out evaluation puts them all in one class, see docs/metrics.md).
+    """
+    worked = response.split("\\boxed", 1)[0]
+    pairs = _WORKED_STEP.findall(worked)
+    if not pairs:
+        return None
+    return (int(pairs[0][0]), *(int(right) for _, right in pairs))

@@ -1,4 +1,5 @@
-"""Benchmark metrics over n sampled responses per prompt: mean@k, pass@k, maj@k, bootstrap CIs.
+"""Benchmark metrics over n sampled responses per prompt: mean@k, pass@k, maj@k, bootstrap CIs,
+and solution diversity (distinct signatures among the correct samples).
 
 Conventions: ``correct`` is a ``[num_prompts, num_samples]`` boolean matrix (sample order = the
 order they were generated in); every metric is a mean over prompts, so each prompt weighs the same
@@ -8,7 +9,7 @@ whatever its number of copies in the source file.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -123,3 +124,42 @@ def bootstrap_ci(
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def solution_diversity(
+    signatures: Sequence[Sequence[Hashable | None]], correct: np.ndarray | Sequence[Sequence[bool]]
+) -> dict[str, np.ndarray]:
+    """How many different ways each prompt is solved: distinct signatures among its correct samples.
+
+    A signature is any hashable summary of one response (for the embedded arithmetic task the order
+    in which the terms are added, :func:`steer.data.arithmetic.order_signature`). ``None`` (the
+    response has no readable signature) is one class of its own: all such correct responses count
+    as one more way, so that a policy dropping its worked line does not look more diverse.
+
+    Args:
+        signatures: ``[num_prompts][k]`` signature of each sample.
+        correct: ``[num_prompts, k]`` booleans.
+
+    Returns:
+        per-prompt arrays over the prompts with at least one correct sample (prompts without one
+        are left out, so the values do not simply repeat accuracy):
+        ``distinct`` (number of distinct signatures), ``entropy`` (entropy in nats of the empirical
+        signature distribution), ``correct`` (number of correct samples, which bounds ``distinct``),
+        and ``unparsed`` (share of correct samples whose signature is ``None``).
+    """
+    matrix = np.asarray(correct, dtype=bool)
+    if len(signatures) != matrix.shape[0] or any(len(row) != matrix.shape[1] for row in signatures):
+        raise ValueError(f"signatures must match correct's shape {matrix.shape}")
+    distinct, entropy, count, unparsed = [], [], [], []
+    for row_signatures, row_correct in zip(signatures, matrix):
+        kept = [signature for signature, ok in zip(row_signatures, row_correct) if ok]
+        if not kept:
+            continue
+        counts = np.array(list(Counter(kept).values()), dtype=float)
+        share = counts / counts.sum()
+        distinct.append(len(counts))
+        entropy.append(float(-(share * np.log(share)).sum()))
+        count.append(len(kept))
+        unparsed.append(sum(signature is None for signature in kept) / len(kept))
+    return {"distinct": np.array(distinct, dtype=float), "entropy": np.array(entropy),
+            "correct": np.array(count, dtype=float), "unparsed": np.array(unparsed)}
