@@ -144,6 +144,26 @@ class StepObserver:
     def after_optimizer_step(self, module: "RLVRModule", context: StepContext, rows: torch.Tensor, index: int) -> None: ...
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""Device types with a fused AdamW kernel in torch >= 2.4 (one kernel per step over all tensors)."""
+
+
+def adamw_implementation(parameters: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """``fused=True`` for :class:`torch.optim.AdamW` where torch has a fused kernel for these
+    parameters (plain float tensors of one device type in :data:`FUSED_ADAMW_DEVICES`), else ``{}``
+    (torch's default loop). FSDP's sharded parameters (DTensor) keep the default: the fused kernel
+    takes plain tensors only. The same arithmetic as the loop, in one pass over the tensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        DTensor = ()
+    devices = {p.device.type for p in parameters}
+    plain = all(not isinstance(p, DTensor) and p.is_floating_point() for p in parameters)
+    if parameters and plain and len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES):
+        return {"fused": True}
+    return {}
+
+
 class RLVRModule(L.LightningModule):
     def __init__(
         self,
@@ -185,11 +205,13 @@ class RLVRModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
+        parameters = list(self.policy.parameters())
         optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            parameters,
             lr=self.algorithm.lr,
             weight_decay=self.algorithm.weight_decay,
             betas=tuple(self.algorithm.betas),
+            **adamw_implementation(parameters),
         )
         warmup = max(self.algorithm.lr_warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
