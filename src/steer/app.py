@@ -123,6 +123,7 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
         task,
         is_correct,
         cfg.model.cache_dir,
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
     )
     if prompts is not None and not prompts_checked:
         check_prompts_fit(prompts, tokenizer, rollout.max_prompt_length, cfg.data.use_chat_template, algorithm.prompts_per_step)
