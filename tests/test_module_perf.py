@@ -153,3 +153,28 @@ def test_the_optimiser_is_fused_on_cpu_and_matches_the_loop(tmp_path):
     assert moved > 1e-3
     for a, b in zip(loop_params, fused_params):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_auto_takes_the_free_cores_and_numbers_stay_as_given():
+    from steer.app import choose_threads
+
+    assert choose_threads(None) is None
+    assert choose_threads(3) == 3 and choose_threads("2") == 2
+    assert choose_threads("auto", cores=2, load=0.2) == 2  # quiet machine: every core
+    assert choose_threads("auto", cores=2, load=1.1) == 1  # one core busy: one thread
+    assert choose_threads("auto", cores=2, load=7.0) == 1  # oversubscribed: never below 1
+    assert choose_threads("auto", cores=16, load=3.4) == 13
+    assert 1 <= choose_threads("auto") <= len(__import__("os").sched_getaffinity(0))
+
+
+def test_the_entry_point_sets_a_passive_openmp_wait_policy_unless_told_otherwise():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    probe = "import os, runpy, sys; sys.argv = ['run.py', '--help']; runpy.run_path('src/run.py', run_name='not_main'); print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True).stdout.split()[-1] == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True).stdout.split()[-1] == "ACTIVE"

@@ -268,8 +268,8 @@ def check_run(cfg: DictConfig) -> None:
     _one_of("mode", _get(cfg, "mode", "train"), {"train", "eval"})
     _number("seed", _get(cfg, "seed"), 0, SEED_MAX, integer=True)
     threads = _get(cfg, "threads")
-    if threads is not None:
-        _number("threads", threads, 1, integer=True, allowed="an integer >= 1, or null for torch's default")
+    if threads is not None and threads != "auto":
+        _number("threads", threads, 1, integer=True, allowed="an integer >= 1, auto (the free cores), or null for torch's default")
 
 
 def check_model(cfg: DictConfig) -> None:
