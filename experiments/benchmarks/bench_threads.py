@@ -55,7 +55,7 @@ def child(steps: int, threads: str) -> dict:
     RLVRModule.training_step = timed
     with tempfile.TemporaryDirectory() as folder:
         train(compose([*WORKLOAD, f"algorithm.steps={steps}", f"threads={threads}"], Path(folder)))
-    return {"median_step_s": statistics.median(durations[1:]), "steps": len(durations), "torch_threads": torch.get_num_threads()}
+    return {"median_step_s": statistics.median(durations[1:] or durations), "steps": len(durations), "torch_threads": torch.get_num_threads()}
 
 
 def run_setting(setting: str, steps: int, cache: str) -> dict:
