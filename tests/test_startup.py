@@ -82,7 +82,7 @@ CASES = {
     "clip_high_inf": (["algorithm.clip.high=inf"], r"algorithm\.clip\.high=inf .*allowed: a finite number >= 0"),
     "grad_clip_nan": (["algorithm.grad_clip=nan"], r"algorithm\.grad_clip=nan .*0 disables"),
     "dtype_float8": (["model.dtype=float8"], r"model\.dtype='float8' is not valid; choose one of \['bfloat16', 'float16', 'float32'\]"),
-    "threads_0": (["threads=0"], r"threads=0 is not valid; allowed: an integer >= 1, or null"),
+    "threads_0": (["threads=0"], r"threads=0 is not valid; allowed: an integer >= 1, auto \(the free cores\), or null"),
     "seed_negative": (["seed=-1"], r"seed=-1 is not valid; allowed: an integer >= 0 and <= 4294967295"),
     "temperature_negative": (["rollout.temperature=-1"], r"rollout\.temperature=-1.0 is not valid; allowed: a finite number > 0"),
     "temperature_nan": (["rollout.temperature=nan"], r"rollout\.temperature=nan"),

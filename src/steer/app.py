@@ -7,6 +7,7 @@ interventions' own argument checks, the reward) before any model is built or war
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +44,25 @@ def _store_dir() -> str:
 
 if not OmegaConf.has_resolver("store_dir"):
     OmegaConf.register_new_resolver("store_dir", _store_dir)
+
+
+def choose_threads(setting, cores: int | None = None, load: float | None = None) -> int | None:
+    """torch's CPU thread count for ``threads=<setting>``: an integer as given, None for torch's
+    default, ``auto`` for the cores this process may use (``os.sched_getaffinity``) minus the busy
+    ones (the 1-minute load average, rounded), at least 1.
+
+    Why: on a 2-core machine with one core busy, 2 threads wait on each other at every parallel
+    region; 1 thread was several times faster there (experiments/benchmarks/bench_threads.py).
+    """
+    if setting is None:
+        return None
+    if str(setting) != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    load = os.getloadavg()[0] if load is None else load
+    chosen = max(1, min(cores, round(cores - load)))
+    log.info("threads=auto: %d of %d cores (load average %.2f)", chosen, cores, load)
+    return chosen
 
 
 def build_interventions(cfg: DictConfig) -> list:
@@ -96,8 +116,9 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
     """
     algorithm, rollout = check_config(cfg)
     interventions = build_interventions(cfg)
-    if cfg.get("threads") is not None:
-        torch.set_num_threads(int(cfg.threads))
+    threads = choose_threads(cfg.get("threads"))
+    if threads is not None:
+        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     reward = instantiate(cfg.reward)  # its arguments were checked by check_config
     task = instantiate(cfg.data.task) if cfg.data.get("task") else None
@@ -123,6 +144,7 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
         task,
         is_correct,
         cfg.model.cache_dir,
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
     )
     if prompts is not None and not prompts_checked:
         check_prompts_fit(prompts, tokenizer, rollout.max_prompt_length, cfg.data.use_chat_template, algorithm.prompts_per_step)

@@ -268,8 +268,8 @@ def check_run(cfg: DictConfig) -> None:
     _one_of("mode", _get(cfg, "mode", "train"), {"train", "eval"})
     _number("seed", _get(cfg, "seed"), 0, SEED_MAX, integer=True)
     threads = _get(cfg, "threads")
-    if threads is not None:
-        _number("threads", threads, 1, integer=True, allowed="an integer >= 1, or null for torch's default")
+    if threads is not None and threads != "auto":
+        _number("threads", threads, 1, integer=True, allowed="an integer >= 1, auto (the free cores), or null for torch's default")
 
 
 def check_model(cfg: DictConfig) -> None:
@@ -284,6 +284,7 @@ def check_model(cfg: DictConfig) -> None:
 
     if dtype == "bfloat16" and _wants_gpu(cfg) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; allowed here: float32, float16")
+    _one_of("model.gradient_checkpointing", _get(cfg, "model.gradient_checkpointing", False), {True, False})
     cache_dir = _get(cfg, "model.cache_dir")
     if cache_dir:
         _writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there

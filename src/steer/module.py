@@ -144,6 +144,26 @@ class StepObserver:
     def after_optimizer_step(self, module: "RLVRModule", context: StepContext, rows: torch.Tensor, index: int) -> None: ...
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""Device types with a fused AdamW kernel in torch >= 2.4 (one kernel per step over all tensors)."""
+
+
+def adamw_implementation(parameters: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """``fused=True`` for :class:`torch.optim.AdamW` where torch has a fused kernel for these
+    parameters (plain float tensors of one device type in :data:`FUSED_ADAMW_DEVICES`), else ``{}``
+    (torch's default loop). FSDP's sharded parameters (DTensor) keep the default: the fused kernel
+    takes plain tensors only. The same arithmetic as the loop, in one pass over the tensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        DTensor = ()
+    devices = {p.device.type for p in parameters}
+    plain = all(not isinstance(p, DTensor) and p.is_floating_point() for p in parameters)
+    if parameters and plain and len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES):
+        return {"fused": True}
+    return {}
+
+
 class RLVRModule(L.LightningModule):
     def __init__(
         self,
@@ -185,11 +205,13 @@ class RLVRModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
+        parameters = list(self.policy.parameters())
         optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            parameters,
             lr=self.algorithm.lr,
             weight_decay=self.algorithm.weight_decay,
             betas=tuple(self.algorithm.betas),
+            **adamw_implementation(parameters),
         )
         warmup = max(self.algorithm.lr_warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
@@ -226,9 +248,12 @@ class RLVRModule(L.LightningModule):
         lengths = rollout.response_lengths.view(-1, n).float()
         advantages = group_advantages(rewards, algo.estimator, lengths).view(-1, 1)
 
-        # 4. Log-probs and entropy of pi_old (and pi_ref) at every sampled token, no gradient.
+        # 4. Log-probs and entropy of pi_old (and pi_ref) at every sampled token, no gradient. With one
+        #    optimiser step per batch and nobody reading them before it, pi_old is the policy the update
+        #    differentiates: its forward fills them in (phase 5) and only pi_ref is scored here.
+        reuse = self.reuses_update_logprobs
         with timer("old_logprobs"):
-            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout)
+            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout, score_policy=not reuse)
 
         context = StepContext(self.rl_step, batch, rollout, rewards, advantages, old_logprobs, old_entropy, {})
         with timer("observers"), torch.no_grad():
@@ -240,7 +265,7 @@ class RLVRModule(L.LightningModule):
         for _ in range(algo.epochs):
             for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
                 with timer("update"):
-                    step_metrics = self._optimizer_step(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs)
+                    step_metrics = self._optimizer_step(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old=reuse)
                 update_metrics.add(step_metrics, weight=1.0)
                 with timer("observers"), torch.no_grad():
                     for observer in self.observers:
@@ -297,9 +322,12 @@ class RLVRModule(L.LightningModule):
         if self.rl_step >= self.algorithm.steps:
             self.trainer.should_stop = True
 
-    def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs) -> dict[str, float]:
+    def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old: bool = False) -> dict[str, float]:
         """One optimiser step on the sequences ``rows`` of the rollout batch (this rank's share of the
-        mini-batch); the loss is normalised by the mini-batch totals over all ranks."""
+        mini-batch); the loss is normalised by the mini-batch totals over all ranks.
+
+        ``fill_old`` (see :attr:`reuses_update_logprobs`): ``old_logprobs``/``old_entropy`` are still
+        zeros; each micro-batch's forward writes its detached values into them before they are read."""
         algo = self.algorithm
         optimizer = self.optimizers()
         mask = rollout.response_mask[rows]
@@ -325,6 +353,10 @@ class RLVRModule(L.LightningModule):
         for start in range(0, len(rows), micro_size):
             micro = rows[start : start + micro_size]
             logprobs, entropy = self.logprobs_and_entropy(rollout, micro, width)
+            if fill_old:  # the values phase 4 would have computed: same weights, same rows, same width
+                micro_mask = mask[start : start + micro_size, :width]
+                old_logprobs[micro, :width] = logprobs.detach() * micro_mask
+                old_entropy[micro, :width] = entropy.detach() * micro_mask
             tokens = self._tokens(
                 micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size], rollout.sampling_logprobs
             )
@@ -442,7 +474,26 @@ class RLVRModule(L.LightningModule):
     def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
         return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
-    def _score_without_grad(self, rollout: RolloutBatch):
+    @property
+    def reuses_update_logprobs(self) -> bool:
+        """Whether phase 4 skips the policy's no-grad forward and the update's forward supplies the
+        old log-probs and entropies instead (TRL's GRPOTrainer does the same).
+
+        True when a rollout batch gets exactly one optimiser step (one mini-batch, one epoch): then
+        pi_old is the policy at that step, and the update's forward over the same rows and width
+        gives the same values. Not when something reads them before that forward: an observer with
+        a ``before_update`` hook (the entropy probe), or an intervention with a mini-batch pass.
+        """
+        if self.optimizer_steps_per_batch != 1:
+            return False
+        if any(intervention.needs_minibatch_pass for intervention in self.interventions):
+            return False
+        return not any(type(observer).before_update is not StepObserver.before_update for observer in self.observers)
+
+    def _score_without_grad(self, rollout: RolloutBatch, score_policy: bool = True):
+        """``(old_logprobs, old_entropy, ref_logprobs)``, each ``[B, R]`` and 0 on padding (``ref``:
+        None without a reference model). ``score_policy=False``: the first two stay zeros (the
+        update fills them in, see :attr:`reuses_update_logprobs`)."""
         width = rollout.response_ids.shape[1]
         size = self.algorithm.micro_batch_size or self.minibatch_sequences
         old_lp, old_ent, ref_lp = [], [], []
@@ -450,14 +501,17 @@ class RLVRModule(L.LightningModule):
             for start in range(0, rollout.response_ids.shape[0], size):
                 rows = torch.arange(start, min(start + size, rollout.response_ids.shape[0]))
                 row_width = int(rollout.response_lengths[rows].max().clamp(min=1))
-                logprobs, entropy = self.logprobs_and_entropy(rollout, rows, row_width)
-                old_lp.append(self._pad_to(logprobs, width))
-                old_ent.append(self._pad_to(entropy, width))
+                if score_policy:
+                    logprobs, entropy = self.logprobs_and_entropy(rollout, rows, row_width)
+                    old_lp.append(self._pad_to(logprobs, width))
+                    old_ent.append(self._pad_to(entropy, width))
                 if self.reference is not None:
                     ref_lp.append(self._pad_to(self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0], width))
         mask = rollout.response_mask
-        old_logprobs = torch.cat(old_lp) * mask
-        old_entropy = torch.cat(old_ent) * mask
+        if score_policy:
+            old_logprobs, old_entropy = torch.cat(old_lp) * mask, torch.cat(old_ent) * mask
+        else:
+            old_logprobs, old_entropy = torch.zeros_like(mask, dtype=torch.float32), torch.zeros_like(mask, dtype=torch.float32)
         ref_logprobs = torch.cat(ref_lp) * mask if ref_lp else None
         return old_logprobs, old_entropy, ref_logprobs
 

@@ -44,8 +44,9 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(chunk):
     (lp.sum() + 0.5 * ent.sum()).backward()
     torch.testing.assert_close(lp, full_lp.float())
     torch.testing.assert_close(ent, full_ent.float())
-    torch.testing.assert_close(hidden.grad, expected[0])
-    torch.testing.assert_close(weight.grad, expected[1])
+    # The head computes in float32 (logits.float()) and its backward is hand-written: float32 round-off.
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, expected[1], rtol=1e-5, atol=1e-6)
 
 
 def _loop_advantages(rewards, estimator, lengths):

@@ -4,7 +4,9 @@ A 50k-vocabulary model on a batch of 64 x 3072 response tokens would need 40 GB 
 We run the transformer backbone once, keep only the hidden states of the positions that predict
 response tokens, and push them through the output head a chunk of tokens at a time. Under autograd
 each chunk is wrapped in activation checkpointing, so the backward pass recomputes a chunk's logits
-instead of storing them: peak memory is one chunk of logits, not the batch.
+instead of storing them: peak memory is one chunk of logits, not the batch. Within a chunk, a
+hand-written backward (:class:`_LogprobEntropy`) keeps one ``[chunk, V]`` tensor instead of the three
+autograd would keep through the softmax and entropy.
 """
 
 from __future__ import annotations
@@ -35,9 +37,38 @@ def logprobs_and_entropy_from_logits(
     return logprob, entropy
 
 
+class _LogprobEntropy(torch.autograd.Function):
+    """:func:`logprobs_and_entropy_from_logits` with a hand-written backward that keeps only the
+    tempered logits ``z`` (autograd would keep ``z``, the softmax and their product: three
+    ``[tokens, V]`` tensors per chunk, the largest item of the update's memory at 49k vocabularies).
+
+    With ``p = softmax(z)``, ``log p = z - logsumexp(z)`` and ``H = -sum p log p``:
+    ``d logprob / dz = onehot(target) - p`` and ``d H / dz = -p (log p + H)``.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, targets: torch.Tensor):
+        log_norm = torch.logsumexp(z, dim=-1)
+        logprob = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        entropy = log_norm - (F.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(z, targets, log_norm, entropy)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprob: torch.Tensor, grad_entropy: torch.Tensor):
+        z, targets, log_norm, entropy = ctx.saved_tensors
+        log_p = z - log_norm.unsqueeze(-1)  # one [tokens, V] buffer, reused in place below
+        p = log_p.exp()
+        # grad = g_lp (onehot - p) - g_H p (log p + H) = -p (g_lp + g_H (log p + H)) + g_lp onehot
+        grad = log_p.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprob.unsqueeze(-1)).mul_(p).neg_()
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logprob.unsqueeze(-1))
+        return grad, None
+
+
 def _head_chunk(hidden, weight, bias, targets, temperature):
-    logits = F.linear(hidden, weight, bias)
-    return logprobs_and_entropy_from_logits(logits, targets, temperature)
+    logits = F.linear(hidden, weight, bias).float()
+    z = logits / temperature if temperature != 1.0 else logits  # no copy at T = 1 (division by 1 is exact)
+    return _LogprobEntropy.apply(z, targets)
 
 
 def chunked_logprobs_and_entropy(

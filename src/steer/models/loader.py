@@ -119,6 +119,24 @@ def load_policy_tokenizer(path: str | None, gguf_file: str | None = None):
     return tokenizer
 
 
+def enable_activation_checkpointing(policy: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them
+    (``model.gradient_checkpointing``; Chen et al. 2016, arXiv 1604.06174): the training forward keeps
+    one hidden state per layer, at the cost of a second forward of the layers in the backward.
+
+    Transformers applies it only in train mode (the rollout engine and the reference model run in
+    eval mode, with the KV cache) and with ``use_reentrant=False`` (no input needs ``requires_grad``).
+    """
+    if not getattr(policy, "supports_gradient_checkpointing", False):
+        raise ValueError(f"model.gradient_checkpointing=true: {type(policy).__name__} does not support "
+                         "activation checkpointing; set it to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_policy(
     path: str | None,
     dtype: str,
@@ -128,8 +146,18 @@ def load_policy(
     task,
     is_correct: Callable[[Sequence[str], Sequence[str]], Sequence[bool]],
     cache_dir: str,
+    gradient_checkpointing: bool = False,
 ):
-    """The policy named by ``model.*``; returns ``(tokenizer, policy, warmup_info or None)``."""
+    """The policy named by ``model.*``; returns ``(tokenizer, policy, warmup_info or None)``.
+    ``gradient_checkpointing`` turns on :func:`enable_activation_checkpointing` after loading (and
+    after the tiny model's warm-up, whose cache it does not change)."""
+    tokenizer, policy, info = _load_policy(path, dtype, gguf_file, tiny, warmup, task, is_correct, cache_dir)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(policy)
+    return tokenizer, policy, info
+
+
+def _load_policy(path, dtype, gguf_file, tiny, warmup, task, is_correct, cache_dir):
     if path:
         path = resolve_model_path(path)
         if not gguf_file and not Path(path).exists() and path.startswith((".", "/")):

@@ -1,0 +1,180 @@
+"""Trainer-side performance paths must not change what is learned: the skipped old-log-prob forward
+(one optimiser step per batch) and the fused optimiser."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steer.app
+from steer.app import train
+from steer.module import RLVRModule, StepObserver
+from tests.conftest import TINY_RUN, compose
+
+# One optimiser step per rollout batch (4 prompts in one mini-batch, one epoch), probe off; an entropy
+# bonus keeps the gradients non-zero (the barely warmed policy earns no reward, so advantages are 0).
+ONE_STEP = [
+    *TINY_RUN,
+    "algorithm.minibatch_prompts=4",
+    "intervention=entropy_bonus",
+    "callbacks.entropy_probe=null",
+    "callbacks.checkpoint=null",
+    "logger=none",
+]
+
+
+class GradientRecorder(StepObserver):
+    """Copies the gradients and weights after every optimiser step (no ``before_update``: it does not
+    keep the module from reusing the update's log-probs)."""
+
+    def __init__(self) -> None:
+        self.gradients: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
+        self.old_logprobs: list[torch.Tensor] = []
+
+    def after_optimizer_step(self, module, context, rows, index) -> None:
+        params = list(module.policy.parameters())
+        self.gradients.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
+        self.weights.append(torch.cat([p.detach().flatten() for p in params]).clone())
+        self.old_logprobs.append(context.old_logprobs.clone())
+
+
+def _run(tmp_path, monkeypatch, overrides, force_full: bool):
+    """Train with ``overrides``; returns (last metrics, recorder, whether the module reused the update's
+    log-probs, policy forward calls by grad mode)."""
+    build = steer.app.build_module
+    captured, calls = {}, {"no_grad": 0, "grad": 0}
+
+    def build_and_record(cfg, prompts=None):
+        module, info = build(cfg, prompts)
+        captured["module"] = module
+        captured["recorder"] = GradientRecorder()
+        module.observers.append(captured["recorder"])
+        return module, info
+
+    original = RLVRModule.logprobs_and_entropy
+
+    def counted(self, rollout, rows, width, model=None):
+        if model is None:  # the policy (not the reference)
+            calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return original(self, rollout, rows, width, model)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(steer.app, "build_module", build_and_record)
+        patch.setattr(RLVRModule, "logprobs_and_entropy", counted)
+        if force_full:
+            patch.setattr(RLVRModule, "reuses_update_logprobs", property(lambda self: False))
+        metrics = train(compose(overrides, tmp_path))
+        reused = captured["module"].reuses_update_logprobs
+    return metrics, captured["recorder"], reused, calls
+
+
+def _deterministic(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["algorithm.kl.coef=0.1", "algorithm.rollout_correction=token_tis", "algorithm.micro_batch_size=8"],
+        [  # STEER reads the old values inside the loss; ONE_STEP's bonus added for non-zero gradients
+            "intervention=steer", "algorithm.micro_batch_size=8",
+            "+intervention.components.bonus._target_=steer.algo.interventions.entropy_bonus.EntropyBonus",
+            "+intervention.components.bonus.coefficient=0.001",
+        ],
+    ],
+    ids=["plain", "kl-tis-microbatch", "steer"],
+)
+def test_reusing_the_update_logprobs_changes_nothing(tmp_path, monkeypatch, extra):
+    overrides = [*ONE_STEP, *extra]
+    full_metrics, full, full_reused, full_calls = _run(tmp_path / "full", monkeypatch, overrides, force_full=True)
+    reuse_metrics, reuse, reused, reuse_calls = _run(tmp_path / "reuse", monkeypatch, overrides, force_full=False)
+    assert reused and not full_reused
+    steps = 2
+    # The skipped forward: one no-grad policy pass per micro-batch and RL step fewer, the same update passes.
+    micro_batches = 16 // 8 if "algorithm.micro_batch_size=8" in extra else 1
+    assert full_calls["no_grad"] - reuse_calls["no_grad"] == steps * micro_batches
+    assert full_calls["grad"] == reuse_calls["grad"] == steps * micro_batches
+    assert len(full.gradients) == len(reuse.gradients) == steps
+    # Bit for bit: on CPU the update's forward runs the same kernels on the same rows and width as the
+    # no-grad pass it replaces, so old log-probs, gradients, weights and metrics are identical.
+    for step in range(steps):
+        assert full.gradients[step].abs().sum() > 0  # the test compares real updates
+        assert reuse.old_logprobs[step].abs().sum() > 0
+        assert torch.equal(reuse.old_logprobs[step], full.old_logprobs[step])
+        assert torch.equal(reuse.gradients[step], full.gradients[step])
+        assert torch.equal(reuse.weights[step], full.weights[step])
+    assert not torch.equal(full.weights[0], full.weights[1])
+    assert _deterministic(reuse_metrics) == _deterministic(full_metrics)
+    assert full_metrics["actor/entropy"] > 0 and "rollout/mismatch_abs_mean" in full_metrics  # read the old values
+
+
+def test_no_reuse_when_old_values_are_read_before_the_update_or_the_batch_has_two_steps(tmp_path):
+    module, _ = steer.app.build_module(compose(ONE_STEP, tmp_path))
+    assert module.reuses_update_logprobs
+
+    class ReadsOldValues(StepObserver):
+        def before_update(self, module, context) -> None: ...
+
+    module.observers.append(ReadsOldValues())
+    assert not module.reuses_update_logprobs
+    two_steps, _ = steer.app.build_module(compose([*ONE_STEP, "algorithm.minibatch_prompts=2"], tmp_path))
+    assert two_steps.optimizer_steps_per_batch == 2 and not two_steps.reuses_update_logprobs
+    steer_global, _ = steer.app.build_module(compose([*ONE_STEP, "intervention=steer", "intervention.components.steer.scope=global"], tmp_path))
+    assert not steer_global.reuses_update_logprobs  # its mini-batch pass reads the old values before the update's forward
+    steer_micro, _ = steer.app.build_module(compose([*ONE_STEP, "intervention=steer"], tmp_path))
+    assert steer_micro.reuses_update_logprobs  # reads them inside the loss, after the forward
+
+
+def test_the_optimiser_is_fused_on_cpu_and_matches_the_loop(tmp_path):
+    from steer.module import adamw_implementation
+
+    module, _ = steer.app.build_module(compose(ONE_STEP, tmp_path))
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[0]["fused"] is True
+    assert adamw_implementation([torch.zeros(2, dtype=torch.long)]) == {}  # no fused kernel for integers
+
+    # Same gradients into a fused and a looped AdamW: the weights agree to float32 rounding after 5 steps,
+    # and both moved far more than they disagree.
+    torch.manual_seed(0)
+    loop_params = [p.detach().clone().requires_grad_(True) for p in module.policy.parameters()]
+    fused_params = [p.detach().clone().requires_grad_(True) for p in module.policy.parameters()]
+    start = [p.detach().clone() for p in loop_params]
+    loop = torch.optim.AdamW(loop_params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999))
+    fused = torch.optim.AdamW(fused_params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), **adamw_implementation(fused_params))
+    for _ in range(5):
+        for a, b in zip(loop_params, fused_params):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        loop.step()
+        fused.step()
+    moved = max((a - s).abs().max().item() for a, s in zip(loop_params, start))
+    assert moved > 1e-3
+    for a, b in zip(loop_params, fused_params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_auto_takes_the_free_cores_and_numbers_stay_as_given():
+    from steer.app import choose_threads
+
+    assert choose_threads(None) is None
+    assert choose_threads(3) == 3 and choose_threads("2") == 2
+    assert choose_threads("auto", cores=2, load=0.2) == 2  # quiet machine: every core
+    assert choose_threads("auto", cores=2, load=1.1) == 1  # one core busy: one thread
+    assert choose_threads("auto", cores=2, load=7.0) == 1  # oversubscribed: never below 1
+    assert choose_threads("auto", cores=16, load=3.4) == 13
+    assert 1 <= choose_threads("auto") <= len(__import__("os").sched_getaffinity(0))
+
+
+def test_the_entry_point_sets_a_passive_openmp_wait_policy_unless_told_otherwise():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    probe = "import os, runpy, sys; sys.argv = ['run.py', '--help']; runpy.run_path('src/run.py', run_name='not_main'); print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True).stdout.split()[-1] == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True).stdout.split()[-1] == "ACTIVE"
