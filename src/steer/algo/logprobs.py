@@ -101,8 +101,8 @@ def chunked_logprobs_and_entropy(
         t = flat_targets[start : start + chunk_tokens]
         if use_checkpoint:
             lp, ent = checkpoint(_head_chunk, h, head_weight, head_bias, t, temperature, use_reentrant=False)
-        else:
-            lp, ent = _head_chunk(h, head_weight, head_bias, t, temperature)
+        else:  # no reverse-mode graph to save memory for; plain ops also carry forward-mode AD (the probe's JVP)
+            lp, ent = logprobs_and_entropy_from_logits(F.linear(h, head_weight, head_bias), t, temperature)
         logprobs.append(lp)
         entropies.append(ent)
     return torch.cat(logprobs).view(batch, length), torch.cat(entropies).view(batch, length)
