@@ -144,9 +144,9 @@ def test_probe_in_a_tiny_end_to_end_run(tmp_path):
             assert math.isfinite(metrics[f"probe/{predictor}/{key}"]), (predictor, key)
     for predictor in ("released_omega", "first_order_omega", "covariance"):
         assert -1 <= metrics[f"probe/{predictor}/pearson_to_parameter_space"] <= 1
-    for key in ("r2", "relative_error_unscaled", "seconds", "forward_ratio"):
+    for key in ("r2", "relative_error_unscaled"):
         assert math.isfinite(metrics[f"probe/parameter_space/{key}"]), key
-    assert metrics["probe/parameter_space/seconds"] > 0
+    assert metrics["time/probe_jvp_s"] > 0 and metrics["time/probe_jvp_per_forward"] > 0
     # states that get no update of their own still move, and first order accounts for it
     assert metrics["probe/zero_adv_measured_abs_mean"] > 0
     assert metrics["probe/parameter_space/zero_adv_pearson"] > 0.9

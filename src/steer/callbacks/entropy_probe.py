@@ -262,8 +262,8 @@ class EntropyProbe(L.Callback, StepObserver):
         seconds = time.perf_counter() - started
         predictions[ed.PARAMETER_SPACE] = ed.parameter_space_prediction(change, pending.mask)
         return {
-            f"probe/{ed.PARAMETER_SPACE}/seconds": seconds,
-            f"probe/{ed.PARAMETER_SPACE}/forward_ratio": seconds / forward_seconds if forward_seconds > 0 else math.nan,
+            "time/probe_jvp_s": seconds,
+            "time/probe_jvp_per_forward": seconds / forward_seconds if forward_seconds > 0 else math.nan,
         }
 
     # ------------------------------------------------------------------ per-step statistics

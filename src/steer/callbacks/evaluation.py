@@ -100,12 +100,12 @@ class BenchmarkSamples:
     """``[num_prompts, k]`` booleans."""
     answers: list[list[str | None]] | None
     """Extracted (normalised) answer of each sample, or None when the reward cannot extract answers."""
-    signatures: list[list[Hashable | None]] | None = None
-    """Diversity signature of each sample, or None without a ``diversity`` setting."""
     entropy_sum: float = 0.0
     token_count: float = 0.0
     truncated: float = 0.0
     dropped_prompts: int = 0
+    signatures: list[list[Hashable | None]] | None = None
+    """Diversity signature of each sample, or None without a ``diversity`` setting."""
 
 
 def answer_extractor(reward) -> Callable[[str], str | None] | None:
