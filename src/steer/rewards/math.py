@@ -150,6 +150,7 @@ _ANSWER_IS_RE = re.compile(r"\banswer\s+is\b[ \t]*(?::[ \t]*)?(.*)", re.IGNORECA
 _LEADING_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?=\s+[A-Za-z]|\s*$)")
 _CLAUSE_END_RE = re.compile(r"(?<!\\)[.;!?](?!\d)|,(?!\d{3}\b)|\s+(?:because|since|which|so|and|but|as|if)\b", re.IGNORECASE)
 _NEGATION_RE = re.compile(r"(?:not|no|never|unclear|unknown|wrong|incorrect|correct|right)\b", re.IGNORECASE)
+_NEXT_LINE_RE = re.compile(r"\s*(\S.*)")
 _MATH_OPENERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -187,9 +188,9 @@ def extract_answer_phrase(text: str) -> str | None:
     """
     for match in reversed(list(_ANSWER_IS_RE.finditer(text))):
         rest = match.group(1)
-        if not rest.strip():
-            following = [line for line in text[match.end() :].splitlines() if line.strip()]
-            rest = following[0] if following else ""
+        if not rest.strip():  # the next non-empty line (a regex from here: linear, unlike splitting the rest)
+            following = _NEXT_LINE_RE.match(text, match.end())
+            rest = following.group(1) if following else ""
         answer = _phrase_answer(rest)
         if answer is not None:
             return answer
