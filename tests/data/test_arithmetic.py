@@ -48,3 +48,66 @@ def test_encode_prompts_applies_the_chat_template_and_drops_long_prompts_with_on
     assert dropped == 1 and kept == records[:1]
     assert tokenizer.decode(ids[0]) == "Q: hi\nA: "
     assert sum("dropped 1 of 2" in message for message in caplog.messages) == 1
+
+
+def _terms_of(question: str) -> list[int]:
+    expression = question.removeprefix("What is ").split("?")[0]
+    return [int(term) for term in expression.split(" + ")]
+
+
+def test_chat_task_prompts_end_with_the_instruction_and_references_are_the_sums():
+    from steer.data.arithmetic import ChatArithmeticTask
+
+    task = ChatArithmeticTask(num_terms=2, digits=1, num_heldout=15, shots=2)
+    instruction = " End your reply with 'The answer is: N', where N is the number."
+    records = task.heldout() + [ArithmeticPrompts(task, seed=1)[i] for i in range(50)]
+    for record in records:
+        *examples, question = record.prompt
+        assert question["role"] == "user" and question["content"].endswith("?" + instruction)
+        terms = _terms_of(question["content"])
+        assert len(terms) == 2 and all(1 <= t <= 9 for t in terms)
+        assert record.reference == str(sum(terms))
+        assert [m["role"] for m in examples] == ["user", "assistant"] * 2
+        for ask, reply in zip(examples[::2], examples[1::2]):  # the example turns are solved correctly
+            assert reply["content"] == f"The answer is: {sum(_terms_of(ask['content']))}."
+        assert MathReward(num_workers=0)([examples[1]["content"]], [str(sum(_terms_of(examples[0]["content"])))]).correct == [True]
+    heldout = {tuple(sorted(_terms_of(r.prompt[-1]["content"]))) for r in task.heldout()}
+    assert len(heldout) == 15
+    assert all(tuple(sorted(_terms_of(r.prompt[-1]["content"]))) not in heldout for r in records[15:])
+    assert ChatArithmeticTask(shots=0).record([3, 4]).prompt == [
+        {"role": "user", "content": "What is 3 + 4?" + instruction}
+    ]
+
+
+def test_chat_task_rejects_a_heldout_split_that_leaves_nothing_to_train_on():
+    import pytest
+
+    from steer.data.arithmetic import ChatArithmeticTask
+
+    with pytest.raises(ValueError, match=r"num_heldout must be in \[0, 45\)"):
+        ChatArithmeticTask(num_terms=2, digits=1, num_heldout=45)
+    with pytest.raises(ValueError, match="expression"):
+        ChatArithmeticTask(instruction="no placeholder")
+
+
+def test_the_embedded_task_is_unchanged_by_the_chat_variant():
+    """The warm-up cache is keyed by the task's fields: the embedded task keeps its prompt and fields."""
+    from dataclasses import fields
+
+    task = ArithmeticTask()
+    assert task.record([12, 45, 30]).prompt == [{"role": "user", "content": "Compute 12+45+30."}]
+    assert [f.name for f in fields(task)] == ["num_terms", "digits", "num_heldout", "heldout_seed", "_heldout", "_heldout_keys"]
+
+
+def test_chat_preset_composes_and_passes_check_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from steer.config import check_config
+    from tests.conftest import compose
+
+    cfg = compose(["+experiment=smollm_arithmetic"], tmp_path)
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+    assert cfg.data.task._target_ == "steer.data.arithmetic.ChatArithmeticTask"
+    assert cfg.reward.mode == "math_verify" and cfg.model.gguf_file.startswith("SmolLM2")
+    assert cfg.eval.benchmarks.arithmetic.records.task.num_heldout == 15

@@ -16,6 +16,7 @@ import steer.rewards.math as math_reward  # noqa: E402
 from steer.rewards.math import (  # noqa: E402
     MathReward,
     extract_answer,
+    extract_free_form_answer,
     math_verify_equal,
     normalize_answer,
     strict_match,
@@ -148,6 +149,72 @@ def test_either_mode_accepts_what_either_check_accepts() -> None:
     output = MathReward(mode="either", num_workers=0)(responses, references)
     assert output.correct == [True, True, False]
     assert output.scores == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The answer is: 12", "12"),
+        ("the answer is 12", "12"),
+        ("So the answer is 12.", "12"),
+        ("The final answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+        ("The final answer is $42$. I hope it is correct.", "42"),
+        ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),  # Minerva's format
+        ("Answer: 7", "7"),
+        ("The answer is: 1,234.", "1,234"),
+        ("The answer is -5.", "-5"),
+        ("The answer is 3/4.", "3/4"),
+        ("The answer is \\frac{3}{4}.", "\\frac{3}{4}"),
+        ("The answer is 2\\sqrt{3}.", "2\\sqrt{3}"),
+        ("The answer is 2.5.", "2.5"),
+        ("The answer is \\boxed{9}.", "9"),
+        ("The answer is: **12**", "12"),
+        ("The answer is 12 apples.", "12"),
+        ("The answer is:\n\n42", "42"),
+        ("The answer is (B).", "(B)"),
+        # intermediate numbers are not the answer
+        ("3+4=7, so the answer is 12", "12"),
+        ("So the answer is 7, because 3+4=7.", "7"),
+        ("The answer is: 5.\nWait, 2+4=6, I made an error.\nThe answer is: 6.", "6"),
+        ("The answer is 5.\nAnswer: 6", "6"),  # a later Answer: line wins
+        ("Answer: 6\nthe answer is 7.", "7"),  # and a later statement wins over it
+        ("Answer: 3\nthe answer is \\boxed{4}", "4"),
+        # statements that state no answer are skipped
+        ("the answer is not 5", None),
+        ("The answer is 7. Let me check: the answer is not 5.", "7"),
+        ("2+2=4 and the answer is correct.", None),
+        ("The answer is $5", None),  # unclosed: truncated
+        ("The answer is N.", "N"),  # one letter reads as a choice (and scores wrong for a number)
+        # without the phrase: today's behaviour
+        ("3+4=7", None),
+        ("work...\nAnswer: 42", "42"),
+        ("I don't know", None),
+    ],
+)
+def test_extract_free_form_answer(text: str, expected: str | None) -> None:
+    assert extract_free_form_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["3+4=7", "work...\nAnswer: 42", "Answer: 1\nmore work\nAnswer: 2", "\\boxed{4} but wait \\boxed{5", "none"]
+)
+def test_free_form_extraction_without_the_phrase_is_the_strict_one(text: str) -> None:
+    assert extract_free_form_answer(text) == extract_answer(text)
+
+
+def test_free_form_statements_score_in_the_free_form_modes_only() -> None:
+    responses = ["The answer is: 1,234.", "3+4=7, so the answer is 12", "The final answer is $\\frac{1}{2}$.", "Answer: 7"]
+    references = ["1234", "7", "0.5", "7"]
+    for mode in ("math_verify", "either"):
+        output = MathReward(mode=mode, num_workers=0)(responses, references)
+        assert output.correct == [True, False, True, True], mode
+        assert output.extra["no_answer_rate"] == 0.0
+    strict = MathReward(mode="dapo_strict", num_workers=0)(responses, references)
+    assert strict.correct == [False, False, False, True]  # DAPO's rule reads a box or an Answer: line only
+    assert strict.extra["no_answer_rate"] == 0.75
+    # majority voting reads what the mode scores
+    assert MathReward(num_workers=0).extract_answer("The answer is: 1,234.") == "1234"
+    assert MathReward(mode="dapo_strict", num_workers=0).extract_answer("The answer is: 1,234.") is None
 
 
 def test_custom_scores_and_bad_arguments() -> None:

@@ -13,6 +13,7 @@ run sees the same stream. The held-out split is a fixed set of problems that tra
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -83,6 +84,65 @@ class ArithmeticTask:
 
     def heldout(self) -> list[PromptRecord]:
         return [self.record(list(terms)) for terms in self._heldout]
+
+
+DEFAULT_INSTRUCTION = "What is {expression}? End your reply with 'The answer is: N', where N is the number."
+
+
+@dataclass(frozen=True)
+class ChatArithmeticTask(ArithmeticTask):
+    """The same problems (and held-out split) phrased for an instruct model, answered in free form.
+
+    ``What is 23 + 45? End your reply with 'The answer is: N', where N is the number.`` The reference
+    is the sum; the math reward's ``math_verify`` / ``either`` modes read "The answer is: 68"
+    (:func:`steer.rewards.math.extract_free_form_answer`). A subclass, not a knob of
+    :class:`ArithmeticTask`, so that the embedded task (and the warm-up cache keyed by its fields)
+    stays exactly as it was.
+    """
+
+    instruction: str = DEFAULT_INSTRUCTION
+    """Prompt template; ``{expression}`` becomes the terms joined by `` + ``."""
+
+    def __post_init__(self) -> None:
+        if "{expression}" not in self.instruction:
+            raise ValueError(f"instruction must contain '{{expression}}', got {self.instruction!r}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+        # distinct problems (multisets of terms): the held-out split must leave some for training,
+        # or drawing either would never end (one-digit pairs: only 45)
+        values = 10**self.digits - 10 ** (self.digits - 1)
+        distinct = math.comb(values + self.num_terms - 1, self.num_terms)
+        if not 0 <= self.num_heldout < distinct:
+            raise ValueError(
+                f"num_heldout must be in [0, {distinct}) for {self.num_terms} terms of {self.digits} digit(s) "
+                f"({distinct} distinct problems), got {self.num_heldout}"
+            )
+        super().__post_init__()
+
+    shots: int = 0
+    """Solved examples given first as earlier chat turns (user question, assistant "The answer is: S.");
+    fixed problems, the same for every prompt. A small instruct model follows the format far more
+    often with them."""
+
+    def prompt(self, terms: list[int]) -> str:  # type: ignore[override]  # needs the instance's template
+        return self.instruction.replace("{expression}", " + ".join(map(str, terms)))
+
+    def examples(self) -> list[dict[str, str]]:
+        """The ``shots`` solved example turns (drawn from their own fixed seed)."""
+        rng = random.Random(self.heldout_seed + 1)
+        messages = []
+        for _ in range(self.shots):
+            terms = self.draw_terms(rng)
+            messages += [{"role": "user", "content": self.prompt(terms)},
+                         {"role": "assistant", "content": f"The answer is: {sum(terms)}."}]
+        return messages
+
+    def record(self, terms: list[int]) -> PromptRecord:
+        return PromptRecord(
+            prompt=self.examples() + [{"role": "user", "content": self.prompt(terms)}],
+            reference=str(sum(terms)),
+            data_source=DATA_SOURCE,
+        )
 
 
 class ArithmeticPrompts(Dataset):

@@ -144,6 +144,81 @@ def extract_answer(text: str) -> str | None:
     return extract_answer_line(text)
 
 
+_ANSWER_IS_RE = re.compile(r"\banswer\s+is\b[ \t]*(?::[ \t]*)?(.*)", re.IGNORECASE)
+# After the phrase: a leading plain number ("12", "-3", "1,234", "3/4", "2.5") is the answer when
+# words follow it ("12 apples", "12 because ..."); otherwise the clause up to a sentence break is.
+_LEADING_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?=\s+[A-Za-z]|\s*$)")
+_CLAUSE_END_RE = re.compile(r"(?<!\\)[.;!?](?!\d)|,(?!\d{3}\b)|\s+(?:because|since|which|so|and|but|as|if)\b", re.IGNORECASE)
+_NEGATION_RE = re.compile(r"(?:not|no|never|unclear|unknown|wrong|incorrect|correct|right)\b", re.IGNORECASE)
+_NEXT_LINE_RE = re.compile(r"\s*(\S.*)")
+_MATH_OPENERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def _phrase_answer(rest: str) -> str | None:
+    """The answer written after "the answer is", or None when none is there (``not 5``, ``correct``).
+
+    Accepted: delimited math at the start (``$\\frac{3}{4}$``), a plain number followed by words or
+    nothing, or a short clause that contains a digit, a LaTeX command, or is one letter (a choice).
+    """
+    rest = rest.strip().strip("*").strip()  # **12** (markdown bold)
+    if _NEGATION_RE.match(rest):
+        return None
+    for left, right in _MATH_OPENERS:
+        if rest.startswith(left):
+            close = rest.find(right, len(left))
+            if close > len(left):
+                return rest[len(left) : close].strip() or None
+            return None  # unclosed: a truncated answer
+    number = _LEADING_NUMBER_RE.match(rest)
+    if number:
+        return number.group(0)
+    clause = _CLAUSE_END_RE.split(rest, maxsplit=1)[0].strip().strip("*").strip()
+    if clause and (any(c.isdigit() for c in clause) or "\\" in clause or re.fullmatch(r"\(?[A-Za-z]\)?", clause)):
+        return clause
+    return None
+
+
+def extract_answer_phrase(text: str) -> str | None:
+    """The answer of the last "... answer is X" statement that states one ("The answer is: 12",
+    "the final answer is $\\frac{3}{4}$.", "So the answer is 1,234 apples.").
+
+    Later statements win (a corrected answer on the final line beats an earlier one); a statement
+    without an answer ("the answer is not 5", "the answer is correct") is skipped. If nothing
+    follows the phrase on its line, the next non-empty line is read ("The answer is:\\n42").
+    """
+    for match in reversed(list(_ANSWER_IS_RE.finditer(text))):
+        rest = match.group(1)
+        if not rest.strip():  # the next non-empty line (a regex from here: linear, unlike splitting the rest)
+            following = _NEXT_LINE_RE.match(text, match.end())
+            rest = following.group(1) if following else ""
+        answer = _phrase_answer(rest)
+        if answer is not None:
+            return answer
+    return None
+
+
+def extract_free_form_answer(text: str) -> str | None:
+    """The final answer of a free-form response: the last boxed answer; else whichever comes last of
+    the last ``Answer:`` line and the last "the answer is X" statement (:func:`extract_answer_phrase`).
+
+    What the ``math_verify`` and ``either`` modes read (the paper's evaluation reads free-form
+    answers). Without such a statement the result is :func:`extract_answer`'s. The strict DAPO rule
+    (``dapo_strict``, and the strict half of ``either``) keeps :func:`extract_answer`.
+    """
+    text = text[-MAX_RESPONSE_CHARS:]
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    phrases = list(_ANSWER_IS_RE.finditer(text))
+    if not phrases:
+        return extract_answer_line(text)
+    lines = list(_ANSWER_LINE_RE.finditer(text))
+    if lines and lines[-1].start() > phrases[-1].start():
+        return extract_answer_line(text)  # an "Answer:" line after the last statement
+    phrase = extract_answer_phrase(text)
+    return phrase if phrase is not None else extract_answer_line(text)
+
+
 # --------------------------------------------------------------------------------------------------
 # String normalisation (DAPO-style strict match and the fast path)
 # --------------------------------------------------------------------------------------------------
@@ -521,6 +596,8 @@ class MathReward:
             (1 / 0, and +1 / -1 for ``dapo_strict`` as in DAPO).
 
     ``extra`` reports ``no_answer_rate`` (responses without an extractable answer: a format signal).
+    The ``math_verify`` and ``either`` modes also read free-form final statements ("The answer is: 12",
+    :func:`extract_free_form_answer`); ``dapo_strict`` reads only a box or an ``Answer:`` line.
     """
 
     def __init__(
@@ -560,7 +637,7 @@ class MathReward:
                 if self.mode == "dapo_strict":
                     no_answer += extract_answer(response[-DAPO_TAIL_CHARS:]) is None
                     continue
-                answer = extract_answer(response)
+                answer = extract_free_form_answer(response)
                 normalised = None if answer is None else normalize_answer(answer)
                 if answer is None:
                     no_answer += 1
@@ -581,6 +658,14 @@ class MathReward:
             num_timeouts=statuses.count("timeout"),
             extra={"no_answer_rate": no_answer / max(len(responses), 1)},
         )
+
+    def extract_answer(self, response: str) -> str | None:
+        """The normalised final answer this mode reads (majority voting in evaluation uses it):
+        :func:`extract_free_form_answer` for ``math_verify`` / ``either``, the strict
+        :func:`extract_answer` for ``dapo_strict``."""
+        extract = extract_answer if self.mode == "dapo_strict" else extract_free_form_answer
+        answer = extract(response)
+        return None if answer is None else normalize_answer(answer)
 
     def _verify(self, tasks: list[tuple[int, str, str]]) -> dict[int, tuple[str, bool]]:
         """math-verify each ``(index, answer, reference)``; returns ``index -> (status, correct)``."""
