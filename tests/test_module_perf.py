@@ -161,9 +161,11 @@ def test_threads_auto_takes_the_free_cores_and_numbers_stay_as_given():
     assert choose_threads(None) is None
     assert choose_threads(3) == 3 and choose_threads("2") == 2
     assert choose_threads("auto", cores=2, load=0.2) == 2  # quiet machine: every core
+    assert choose_threads("auto", cores=2, load=0.9) == 2  # the lagging tail of a finished job
     assert choose_threads("auto", cores=2, load=1.1) == 1  # one core busy: one thread
     assert choose_threads("auto", cores=2, load=7.0) == 1  # oversubscribed: never below 1
     assert choose_threads("auto", cores=16, load=3.4) == 13
+    assert choose_threads("auto", cores=16, load=3.9) == 13
     assert 1 <= choose_threads("auto") <= len(__import__("os").sched_getaffinity(0))
 
 

@@ -49,10 +49,13 @@ if not OmegaConf.has_resolver("store_dir"):
 def choose_threads(setting, cores: int | None = None, load: float | None = None) -> int | None:
     """torch's CPU thread count for ``threads=<setting>``: an integer as given, None for torch's
     default, ``auto`` for the cores this process may use (``os.sched_getaffinity``) minus the busy
-    ones (the 1-minute load average, rounded), at least 1.
+    ones (the whole part of the 1-minute load average), at least 1.
 
     Why: on a 2-core machine with one core busy, 2 threads wait on each other at every parallel
-    region; 1 thread was several times faster there (experiments/benchmarks/bench_threads.py).
+    region; 1 thread was faster there, and 2 threads 1.5x faster on a quiet machine
+    (experiments/benchmarks/bench_threads.py). The whole part, not the rounded value: a load of
+    0.85 is mostly the tail of a process that just ended (the average lags by a minute), while a
+    process that keeps a core busy holds it at >= 1.
     """
     if setting is None:
         return None
@@ -60,7 +63,7 @@ def choose_threads(setting, cores: int | None = None, load: float | None = None)
         return int(setting)
     cores = len(os.sched_getaffinity(0)) if cores is None else cores
     load = os.getloadavg()[0] if load is None else load
-    chosen = max(1, min(cores, round(cores - load)))
+    chosen = max(1, min(cores, cores - int(load)))
     log.info("threads=auto: %d of %d cores (load average %.2f)", chosen, cores, load)
     return chosen
 
