@@ -160,13 +160,31 @@ def test_threads_auto_takes_the_free_cores_and_numbers_stay_as_given():
 
     assert choose_threads(None) is None
     assert choose_threads(3) == 3 and choose_threads("2") == 2
-    assert choose_threads("auto", cores=2, load=0.2) == 2  # quiet machine: every core
-    assert choose_threads("auto", cores=2, load=0.9) == 2  # the lagging tail of a finished job
-    assert choose_threads("auto", cores=2, load=1.1) == 1  # one core busy: one thread
-    assert choose_threads("auto", cores=2, load=7.0) == 1  # oversubscribed: never below 1
-    assert choose_threads("auto", cores=16, load=3.4) == 13
-    assert choose_threads("auto", cores=16, load=3.9) == 13
+    assert choose_threads("auto", cores=2, busy=0.1) == 2  # quiet machine: every core
+    assert choose_threads("auto", cores=2, busy=1.0) == 1  # one core busy: one thread
+    assert choose_threads("auto", cores=2, busy=2.0) == 1  # both busy: never below 1
+    assert choose_threads("auto", cores=16, busy=3.4) == 13
     assert 1 <= choose_threads("auto") <= len(__import__("os").sched_getaffinity(0))
+
+
+def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
+    """Sampled, not the lagging load average: a spinning child shows up within the interval."""
+    import subprocess
+    import sys
+
+    from steer.app import busy_cores
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    idle = busy_cores(0.5)
+    assert 0.0 <= idle <= cores
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        __import__("time").sleep(0.3)
+        busy = busy_cores(0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert busy >= 0.8  # the hog holds about one core (others may hold more)
 
 
 def test_the_entry_point_sets_a_passive_openmp_wait_policy_unless_told_otherwise():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -46,25 +47,55 @@ if not OmegaConf.has_resolver("store_dir"):
     OmegaConf.register_new_resolver("store_dir", _store_dir)
 
 
-def choose_threads(setting, cores: int | None = None, load: float | None = None) -> int | None:
+def _idle_and_total(cpus: set[int]) -> tuple[float, float] | None:
+    """Summed idle and total jiffies of ``cpus`` from /proc/stat (None off Linux)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    idle = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [float(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            idle += values[3] + values[4]
+            total += sum(values)
+    return idle, total
+
+
+def busy_cores(interval: float = 0.3) -> float:
+    """How many of this process's cores other work keeps busy right now: the non-idle share of
+    their time over ``interval`` seconds (/proc/stat), times their number. Falls back to the
+    1-minute load average where /proc/stat is missing. Sampled, not averaged over a minute: the load
+    average still counts a job that ended seconds ago (a first ``threads=auto`` read it, and took 1
+    thread on a quiet machine after any earlier run)."""
+    cpus = os.sched_getaffinity(0)
+    first = _idle_and_total(cpus)
+    if first is None:
+        return os.getloadavg()[0]
+    time.sleep(interval)
+    second = _idle_and_total(cpus)
+    idle, total = second[0] - first[0], second[1] - first[1]
+    return len(cpus) * (1.0 - idle / total) if total > 0 else 0.0
+
+
+def choose_threads(setting, cores: int | None = None, busy: float | None = None) -> int | None:
     """torch's CPU thread count for ``threads=<setting>``: an integer as given, None for torch's
-    default, ``auto`` for the cores this process may use (``os.sched_getaffinity``) minus the busy
-    ones (the whole part of the 1-minute load average), at least 1.
+    default, ``auto`` for the cores this process may use (``os.sched_getaffinity``) minus the ones
+    other work keeps busy at start-up (:func:`busy_cores`, rounded), at least 1.
 
     Why: on a 2-core machine with one core busy, 2 threads wait on each other at every parallel
     region; 1 thread was faster there, and 2 threads 1.5x faster on a quiet machine
-    (experiments/benchmarks/bench_threads.py). The whole part, not the rounded value: a load of
-    0.85 is mostly the tail of a process that just ended (the average lags by a minute), while a
-    process that keeps a core busy holds it at >= 1.
+    (experiments/benchmarks/bench_threads.py).
     """
     if setting is None:
         return None
     if str(setting) != "auto":
         return int(setting)
     cores = len(os.sched_getaffinity(0)) if cores is None else cores
-    load = os.getloadavg()[0] if load is None else load
-    chosen = max(1, min(cores, cores - int(load)))
-    log.info("threads=auto: %d of %d cores (load average %.2f)", chosen, cores, load)
+    busy = busy_cores() if busy is None else busy
+    chosen = max(1, min(cores, round(cores - busy)))
+    log.info("threads=auto: %d of %d cores (%.2f busy at start-up)", chosen, cores, busy)
     return chosen
 
 
