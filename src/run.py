@@ -1,13 +1,8 @@
 """Entry point: ``python src/run.py [overrides]`` (see README). Composition lives in steer.app;
 start-up errors are one line on stderr, exit status 2, and leave no run folder (steer.cli)."""
 
-import os
 import sys
 from pathlib import Path
-
-# OpenMP threads sleep instead of spinning while they wait (read once, when torch loads the runtime):
-# on a busy machine spinning threads steal the cores the working ones need. An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Run from a clone without installing: make src/ importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

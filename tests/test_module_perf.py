@@ -172,7 +172,7 @@ def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
     import subprocess
     import sys
 
-    from steer.app import busy_cores
+    from steer.callbacks.threads import busy_cores
 
     cores = len(__import__("os").sched_getaffinity(0))
     idle = busy_cores(0.5)
@@ -187,14 +187,53 @@ def test_busy_cores_sees_a_process_that_keeps_a_core_busy():
     assert busy >= 0.8  # the hog holds about one core (others may hold more)
 
 
-def test_the_entry_point_sets_a_passive_openmp_wait_policy_unless_told_otherwise():
-    import subprocess
-    import sys
+def test_the_thread_governor_follows_the_other_processes_load():
+    """Before each RL step: one thread while another process holds a core, every core once it leaves;
+    this process's own CPU time (its threads, spinning or working) never counts as other load."""
+    from steer.callbacks.threads import CpuSample, ThreadGovernor
 
-    from tests.conftest import REPO
+    samples = iter([
+        CpuSample(0.0, 0.0, 0.0),
+        CpuSample(1.0, 2.0, 1.9),  # our 2 threads used both cores: nobody else -> 2
+        CpuSample(2.0, 4.0, 3.0),  # 2 busy core-seconds, 1 of them ours: another process holds a core -> 1
+        CpuSample(3.0, 5.0, 3.1),  # the other process keeps its core -> 1
+        CpuSample(4.0, 6.2, 5.1),  # it left: only our own time -> 2
+    ])
+    governor = ThreadGovernor(cores=2, sample=lambda: next(samples))
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        for step in range(5):
+            governor.on_train_batch_start(None, None, None, step)
+            seen.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 2, 1, 1, 2]
 
-    probe = "import os, runpy, sys; sys.argv = ['run.py', '--help']; runpy.run_path('src/run.py', run_name='not_main'); print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
-    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True).stdout.split()[-1] == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True).stdout.split()[-1] == "ACTIVE"
+
+def test_threads_auto_adds_the_governor_and_a_number_does_not(tmp_path):
+    from steer.app import train
+    from steer.callbacks.threads import ThreadGovernor
+    from tests.conftest import compose
+
+    seen = {}
+    original = ThreadGovernor.on_train_batch_start
+
+    def spy(self, trainer, *args):
+        seen["governors"] = sum(isinstance(c, ThreadGovernor) for c in trainer.callbacks)
+        return original(self, trainer, *args)
+
+    ThreadGovernor.on_train_batch_start = spy
+    try:
+        overrides = ["model.warmup.max_steps=2", "model.warmup.eval_every=2", "model.warmup.eval_prompts=4",
+                     "eval.benchmarks=null", "callbacks.entropy_probe=null", "callbacks.checkpoint=null",
+                     "callbacks.progress=null", "logger=none", "algorithm.steps=1", "algorithm.n=2",
+                     "algorithm.prompts_per_step=2", "algorithm.minibatch_prompts=2", "rollout.max_new_tokens=4"]
+        train(compose([*overrides, "threads=auto"], tmp_path / "auto"))
+        assert seen == {"governors": 1}
+        seen.clear()
+        train(compose([*overrides, "threads=1"], tmp_path / "one"))
+        assert seen == {}
+    finally:
+        ThreadGovernor.on_train_batch_start = original

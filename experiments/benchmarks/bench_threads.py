@@ -10,8 +10,8 @@ beside every row.
 
     python experiments/benchmarks/bench_threads.py [--steps 6] [--repeats 2] [--settings 1 2 2:PASSIVE auto]
 
-A setting is ``<threads>[:<OMP_WAIT_POLICY>]``; ``auto`` is the default ``threads: auto``
-(steer.app.choose_threads, with the wait policy ``src/run.py`` sets).
+A setting is ``<threads>[:<OMP_WAIT_POLICY>]`` or ``<threads>:spin<N>`` (``GOMP_SPINCOUNT=N``: libgomp
+spins N times before a waiting thread sleeps); ``auto`` is ``threads: auto`` (steer.app.choose_threads).
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ def run_setting(setting: str, steps: int, cache: str) -> dict:
     threads, _, policy = setting.partition(":")
     env = dict(os.environ, STEER_CACHE=cache)
     env.pop("OMP_WAIT_POLICY", None)
-    if policy:
+    env.pop("GOMP_SPINCOUNT", None)
+    if policy.startswith("spin"):  # libgomp: spin this many times before sleeping
+        env["GOMP_SPINCOUNT"] = policy[len("spin"):]
+    elif policy:
         env["OMP_WAIT_POLICY"] = policy
-    if threads == "auto":  # what src/run.py does before torch loads
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     command = [sys.executable, __file__, "--child", json.dumps({"steps": steps, "threads": threads})]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from steer.callbacks.evaluation import Benchmark, EvaluationCallback
 from steer.callbacks.summary import SummaryCallback
+from steer.callbacks.threads import ThreadGovernor, busy_cores, threads_for
 from steer.checkpointing import read_resume_info, skip_logged_steps
 from steer.config import ConfigError, check_config, check_data, check_prompts_fit
 from steer.data.datamodule import PromptDataModule
@@ -47,42 +47,11 @@ if not OmegaConf.has_resolver("store_dir"):
     OmegaConf.register_new_resolver("store_dir", _store_dir)
 
 
-def _idle_and_total(cpus: set[int]) -> tuple[float, float] | None:
-    """Summed idle and total jiffies of ``cpus`` from /proc/stat (None off Linux)."""
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
-        return None
-    idle = total = 0.0
-    for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            values = [float(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
-            idle += values[3] + values[4]
-            total += sum(values)
-    return idle, total
-
-
-def busy_cores(interval: float = 0.3) -> float:
-    """How many of this process's cores other work keeps busy right now: the non-idle share of
-    their time over ``interval`` seconds (/proc/stat), times their number. Falls back to the
-    1-minute load average where /proc/stat is missing. Sampled, not averaged over a minute: the load
-    average still counts a job that ended seconds ago (a first ``threads=auto`` read it, and took 1
-    thread on a quiet machine after any earlier run)."""
-    cpus = os.sched_getaffinity(0)
-    first = _idle_and_total(cpus)
-    if first is None:
-        return os.getloadavg()[0]
-    time.sleep(interval)
-    second = _idle_and_total(cpus)
-    idle, total = second[0] - first[0], second[1] - first[1]
-    return len(cpus) * (1.0 - idle / total) if total > 0 else 0.0
-
-
 def choose_threads(setting, cores: int | None = None, busy: float | None = None) -> int | None:
     """torch's CPU thread count for ``threads=<setting>``: an integer as given, None for torch's
     default, ``auto`` for the cores this process may use (``os.sched_getaffinity``) minus the ones
-    other work keeps busy at start-up (:func:`busy_cores`, rounded), at least 1.
+    other work keeps busy at start-up (:func:`steer.callbacks.threads.busy_cores`, rounded), at least 1;
+    during training :class:`~steer.callbacks.threads.ThreadGovernor` re-picks it every RL step.
 
     Why: on a 2-core machine with one core busy, 2 threads wait on each other at every parallel
     region; 1 thread was faster there, and 2 threads 1.5x faster on a quiet machine
@@ -94,7 +63,7 @@ def choose_threads(setting, cores: int | None = None, busy: float | None = None)
         return int(setting)
     cores = len(os.sched_getaffinity(0)) if cores is None else cores
     busy = busy_cores() if busy is None else busy
-    chosen = max(1, min(cores, round(cores - busy)))
+    chosen = threads_for(cores, busy)
     log.info("threads=auto: %d of %d cores (%.2f busy at start-up)", chosen, cores, busy)
     return chosen
 
@@ -234,6 +203,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracked_run(logger):  # from here on the MLflow run exists: it must end FINISHED/FAILED/KILLED
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         callbacks += [build_evaluation(cfg), SummaryCallback(tracking_uri, warmup_info)]
+        if str(cfg.get("threads")) == "auto":  # the thread count follows the other processes' load
+            callbacks.append(ThreadGovernor())
         # The DataModule shards each step's prompts over ranks itself: Lightning must not swap in a
         # DistributedSampler (it would split whole groups' prompts differently and lose the data order).
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, use_distributed_sampler=False)
