@@ -215,8 +215,6 @@ def test_the_thread_governor_follows_the_other_processes_load():
 def test_threads_auto_adds_the_governor_and_a_number_does_not(tmp_path):
     from steer.app import train
     from steer.callbacks.threads import ThreadGovernor
-    from tests.conftest import compose
-
     seen = {}
     original = ThreadGovernor.on_train_batch_start
 
@@ -226,10 +224,8 @@ def test_threads_auto_adds_the_governor_and_a_number_does_not(tmp_path):
 
     ThreadGovernor.on_train_batch_start = spy
     try:
-        overrides = ["model.warmup.max_steps=2", "model.warmup.eval_every=2", "model.warmup.eval_prompts=4",
-                     "eval.benchmarks=null", "callbacks.entropy_probe=null", "callbacks.checkpoint=null",
-                     "callbacks.progress=null", "logger=none", "algorithm.steps=1", "algorithm.n=2",
-                     "algorithm.prompts_per_step=2", "algorithm.minibatch_prompts=2", "rollout.max_new_tokens=4"]
+        overrides = [*TINY_RUN, "eval.benchmarks=null", "callbacks.entropy_probe=null", "callbacks.checkpoint=null",
+                     "callbacks.progress=null", "logger=none", "algorithm.steps=1", "rollout.max_new_tokens=4"]
         train(compose([*overrides, "threads=auto"], tmp_path / "auto"))
         assert seen == {"governors": 1}
         seen.clear()

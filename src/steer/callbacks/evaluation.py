@@ -110,20 +110,10 @@ class BenchmarkSamples:
 
 def answer_extractor(reward) -> Callable[[str], str | None] | None:
     """How to read a response's final answer for majority voting: the reward's ``extract_answer``
-    method; for :class:`MathReward` the math module's extractor (normalised, so that ``\\frac12``
-    and ``\\frac{1}{2}`` vote together); None otherwise (maj@k is then skipped)."""
+    method (:meth:`MathReward.extract_answer` normalises, so that ``\\frac12`` and ``\\frac{1}{2}``
+    vote together); None without one (maj@k is then skipped)."""
     method = getattr(reward, "extract_answer", None)
-    if callable(method):
-        return method
-    from steer.rewards.math import MathReward, extract_answer, normalize_answer
-
-    if isinstance(reward, MathReward):
-        def extract(response: str) -> str | None:
-            answer = extract_answer(response)
-            return None if answer is None else normalize_answer(answer)
-
-        return extract
-    return None
+    return method if callable(method) else None
 
 
 def response_signature(response: str) -> str:

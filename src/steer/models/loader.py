@@ -119,17 +119,19 @@ def load_policy_tokenizer(path: str | None, gguf_file: str | None = None):
     return tokenizer
 
 
-def enable_activation_checkpointing(policy: torch.nn.Module) -> None:
+def enable_activation_checkpointing(policy: torch.nn.Module, knob: str = "model.gradient_checkpointing") -> None:
     """Recompute each decoder layer's activations in the backward pass instead of storing them
     (``model.gradient_checkpointing``; Chen et al. 2016, arXiv 1604.06174): the training forward keeps
     one hidden state per layer, at the cost of a second forward of the layers in the backward.
 
     Transformers applies it only in train mode (the rollout engine and the reference model run in
     eval mode, with the KV cache) and with ``use_reentrant=False`` (no input needs ``requires_grad``).
+    Also what ``trainer=fsdp``'s ``strategy.activation_checkpointing`` calls (``knob`` names the
+    setting in the error).
     """
     if not getattr(policy, "supports_gradient_checkpointing", False):
-        raise ValueError(f"model.gradient_checkpointing=true: {type(policy).__name__} does not support "
-                         "activation checkpointing; set it to false")
+        raise ValueError(f"{knob}=true: {type(policy).__name__} does not support activation checkpointing; "
+                         "set it to false")
     kwargs = {"use_reentrant": False}
     if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

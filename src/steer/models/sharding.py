@@ -66,12 +66,10 @@ class FullyShardedStrategy(ModelParallelStrategy):
         if not layers:
             raise ValueError(f"trainer.strategy.layer_class={self.layer_class.__name__} matches no module of the "
                              f"policy ({type(policy).__name__}); set it to the model's decoder layer class")
-        if self.activation_checkpointing:  # newer transformers renamed gradient_checkpointing_enable
-            enable = getattr(policy, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.activation_checkpointing:
+            from steer.models.loader import enable_activation_checkpointing
+
+            enable_activation_checkpointing(policy, knob="trainer.strategy.activation_checkpointing")
         dtype = MIXED_PRECISION[self.mixed_precision]
         options = {
             "mesh": self.device_mesh["data_parallel"],

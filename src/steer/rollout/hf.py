@@ -3,10 +3,10 @@
 Sampling runs through our own decode loop (:mod:`steer.rollout.decode`), not ``model.generate``:
 one prefill, then one single-token forward per step over a preallocated key/value buffer, stopping
 once every row has emitted EOS. Sampling is plain: no top-k, temperature then an optional nucleus
-filter, one ``torch.multinomial`` draw per row (the trainer's seeded torch RNG drives it), and the
-log-prob of each sampled token is recorded under the exact distribution it was drawn from. On the
-tiny policies this is several times faster than ``generate`` with logits processors, whose time
-is mostly per-token framework overhead (see ``experiments/benchmarks/bench_decode.py``).
+filter, one Gumbel-max draw per row (the trainer's seeded torch RNG drives it), and the log-prob
+of each sampled token is recorded under the exact distribution it was drawn from. On the tiny
+policies this takes 0.5-0.7x the time of ``generate`` with logits processors, whose time is mostly
+per-token framework overhead (see ``experiments/benchmarks/bench_decode.py``).
 """
 
 from __future__ import annotations
