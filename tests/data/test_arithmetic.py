@@ -79,13 +79,17 @@ def test_chat_task_prompts_end_with_the_instruction_and_references_are_the_sums(
     ]
 
 
-def test_chat_task_rejects_a_heldout_split_that_leaves_nothing_to_train_on():
+def test_tasks_reject_a_heldout_split_that_leaves_nothing_to_train_on():
+    """Both tasks: drawing the held-out split (or a training problem) would otherwise never end."""
     import pytest
 
     from steer.data.arithmetic import ChatArithmeticTask
 
     with pytest.raises(ValueError, match=r"num_heldout must be in \[0, 45\)"):
         ChatArithmeticTask(num_terms=2, digits=1, num_heldout=45)
+    with pytest.raises(ValueError, match=r"num_heldout must be in \[0, 45\)"):
+        ArithmeticTask(num_terms=2, digits=1, num_heldout=200)
+    assert len(ArithmeticTask(num_terms=2, digits=1, num_heldout=44).heldout()) == 44
     with pytest.raises(ValueError, match="expression"):
         ChatArithmeticTask(instruction="no placeholder")
 

@@ -41,6 +41,15 @@ class ArithmeticTask:
     def __post_init__(self) -> None:
         if self.num_terms < 2 or self.digits < 1:
             raise ValueError(f"arithmetic task needs num_terms >= 2 and digits >= 1, got {self.num_terms}, {self.digits}")
+        # distinct problems (multisets of terms): the held-out split must leave some for training,
+        # or drawing either would never end (one-digit pairs: only 45)
+        values = 10**self.digits - 10 ** (self.digits - 1)
+        distinct = math.comb(values + self.num_terms - 1, self.num_terms)
+        if not 0 <= self.num_heldout < distinct:
+            raise ValueError(
+                f"num_heldout must be in [0, {distinct}) for {self.num_terms} terms of {self.digits} digit(s) "
+                f"({distinct} distinct problems), got {self.num_heldout}"
+            )
         rng = random.Random(self.heldout_seed)
         keys: dict[tuple[int, ...], None] = {}
         while len(keys) < self.num_heldout:
@@ -108,15 +117,6 @@ class ChatArithmeticTask(ArithmeticTask):
             raise ValueError(f"instruction must contain '{{expression}}', got {self.instruction!r}")
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
-        # distinct problems (multisets of terms): the held-out split must leave some for training,
-        # or drawing either would never end (one-digit pairs: only 45)
-        values = 10**self.digits - 10 ** (self.digits - 1)
-        distinct = math.comb(values + self.num_terms - 1, self.num_terms)
-        if not 0 <= self.num_heldout < distinct:
-            raise ValueError(
-                f"num_heldout must be in [0, {distinct}) for {self.num_terms} terms of {self.digits} digit(s) "
-                f"({distinct} distinct problems), got {self.num_heldout}"
-            )
         super().__post_init__()
 
     shots: int = 0
