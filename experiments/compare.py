@@ -4,19 +4,25 @@ overlaid entropy / accuracy curves per intervention.
     python experiments/compare.py --tracking-uri sqlite:///multirun/DATE/TIME/mlflow.db \
         [--tracking-uri sqlite:///another/mlflow.db] --experiment steer-lab \
         [--filter "params.algorithm.steps = '600'"] [--methods grpo steer ...] --out DIR \
-        [--select-by eval/aime24/mean_at_32] [--label-by algorithm.estimator intervention.name]
+        [--select-by eval/aime24/mean_at_32] [--label-by algorithm.estimator intervention.name] \
+        [--paired-against grpo]
 
 A run's method is its param ``intervention.name`` (or the params named by ``--label-by``, joined by
 " / ") and its seed the param ``seed`` (runs are named ``<intervention>_seed<seed>``). Table
 columns: every ``eval/<benchmark>/mean_at_<k>`` (and, where logged, ``pass_at_<j>`` for j > 1,
 ``distinct_solutions`` and ``solution_entropy``) at the run's last logged step, the training token
-entropy (``actor/entropy``) at the first and last step, and the held-out entropy
+entropy (``actor/entropy``) at the first and last step and averaged over the last
+``LATE_STEPS`` logged steps (``actor/entropy (late mean)``, steadier than one step), and the held-out entropy
 (``eval/<benchmark>/entropy``) at the last evaluation. With ``--select-by METRIC`` the eval columns
 are read at the evaluation where METRIC was best instead (checkpoint selection, as the STEER paper
 picks the checkpoint with the best AIME24 score), and a ``selected step`` column says which.
 The 95% CI is Student's t half-width ``t_{0.975, n-1} s / sqrt(n)`` over the seeds (blank for a
 single seed). Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png`` and
 ``accuracy_curves.png``;
+``--paired-against METHOD`` also writes ``paired.md`` / ``paired.csv``: every other method minus
+METHOD, run by run on the same seed (same warm-up, prompts and sampling stream when the runs were
+seeded alike), mean ± 95% CI over those per-seed differences — the test of "does this arm differ
+from the baseline" that unpaired intervals blur with the seeds' own spread.
 ``--log-artifacts`` also logs them to a run named ``comparison`` of the (first) store, so that a
 sweep's overlay plots open in the MLflow UI next to its runs (that run is tagged
 ``steer.kind=comparison`` and never counted as a method).
@@ -42,6 +48,8 @@ KIND_TAG, COMPARISON = "steer.kind", "comparison"
 EVAL_ACCURACY = re.compile(r"^eval/(?P<benchmark>[^/]+)/mean_at_(?P<k>\d+)$")
 # Held-out columns beside mean@k: pass@j for j > 1 (pass_at_1 equals mean@k) and solution diversity.
 EVAL_EXTRA = re.compile(r"^eval/[^/]+/(pass_at_(?!1$)\d+|distinct_solutions|solution_entropy)$")
+LATE_STEPS = 10
+"""Training steps averaged by the ``actor/entropy (late mean)`` column."""
 
 
 @dataclass
@@ -125,6 +133,7 @@ def collect_runs(tracking_uris: Sequence[str], experiment: str, filter_string: s
             if curves.get("actor/entropy"):
                 final["actor/entropy (start)"] = curves["actor/entropy"][0][1]
                 final["actor/entropy (end)"] = curves["actor/entropy"][-1][1]
+                final["actor/entropy (late mean)"] = float(np.mean([v for _, v in curves["actor/entropy"][-LATE_STEPS:]]))
             runs.append(RunData(method_of(run, label_by), run.data.params.get("seed", "?"), final, curves))
     return runs
 
@@ -154,10 +163,54 @@ def table(runs: Sequence[RunData], methods: Sequence[str] | None = None) -> tupl
     return methods, columns, cells
 
 
-def _cell(mean: float, ci: float, n: int) -> str:
+def paired_differences(runs: Sequence[RunData], baseline: str,
+                       methods: Sequence[str] | None = None) -> tuple[list[str], list[str], dict]:
+    """``(methods, columns, cells)`` with ``cells[(method, column)] = (mean, ci, n, differences)``:
+    ``method - baseline`` per seed, over the seeds both ran (each seed's baseline run once)."""
+    methods, columns, _ = table(runs, methods)
+    base: dict[str, dict[str, float]] = {}
+    for run in runs:
+        if run.method == baseline:
+            if run.seed in base:
+                raise ValueError(f"two {baseline!r} runs with seed {run.seed}: a paired difference needs one per seed")
+            base[run.seed] = run.final
+    if not base:
+        raise ValueError(f"no runs of the baseline {baseline!r}; methods: {sorted({r.method for r in runs})}")
+    others = [m for m in methods if m != baseline]
+    cells = {}
+    for method in others:
+        for column in columns:
+            differences = [r.final[column] - base[r.seed][column] for r in runs
+                           if r.method == method and column in r.final and column in base.get(r.seed, {})]
+            cells[(method, column)] = (*mean_and_ci(differences), len(differences), differences)
+    return others, columns, cells
+
+
+def write_paired(runs: Sequence[RunData], out: Path, baseline: str, methods: Sequence[str] | None = None,
+                 at: str = "the last step") -> tuple[Path, Path]:
+    methods, columns, cells = paired_differences(runs, baseline, methods)
+    markdown = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in methods:
+        markdown.append(f"| {method} | " + " | ".join(_cell(*cells[(method, c)][:3], signed=True) for c in columns) + " |")
+    md_path = out / "paired.md"
+    md_path.write_text(f"Paired difference method − {baseline} per seed, mean ± 95% CI (Student t) over seeds; "
+                       f"accuracy = held-out mean@k at {at}.\n\n" + "\n".join(markdown) + "\n")
+    csv_path = out / "paired.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "baseline", "column", "mean", "ci95", "n", "differences"])
+        for method in methods:
+            for column in columns:
+                mean, ci, n, values = cells[(method, column)]
+                writer.writerow([method, baseline, column, mean, ci, n, " ".join(f"{v:.6g}" for v in values)])
+    return md_path, csv_path
+
+
+def _cell(mean: float, ci: float, n: int, signed: bool = False) -> str:
     if n == 0:
         return ""
-    return f"{mean:.3f} ± {ci:.3f} (n={n})" if math.isfinite(ci) else f"{mean:.3f} (n={n})"
+    value = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{value} ± {ci:.3f} (n={n})" if math.isfinite(ci) else f"{value} (n={n})"
 
 
 def write_table(runs: Sequence[RunData], out: Path, methods: Sequence[str] | None = None,
@@ -244,6 +297,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--select-mode", choices=("max", "min"), default="max")
     parser.add_argument("--label-by", nargs="+", default=["intervention.name"],
                         help="params whose values name a row, e.g. algorithm.estimator intervention.name")
+    parser.add_argument("--paired-against", default=None, metavar="METHOD",
+                        help="also write paired.md/.csv: every method minus METHOD on the same seed")
     parser.add_argument("--log-artifacts", action="store_true",
                         help="log the table and plots to a run named 'comparison' of the first store")
     args = parser.parse_args(argv)
@@ -259,6 +314,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     at = f"the evaluation with the best {args.select_by} ({args.select_mode})" if args.select_by else "the last step"
     paths = [*write_table(runs, out, methods, at), *plot_curves(runs, out, methods)]
     print((out / "comparison.md").read_text())
+    if args.paired_against is not None:
+        try:
+            paths += write_paired(runs, out, args.paired_against, methods, at)
+        except ValueError as error:
+            raise SystemExit(f"--paired-against: {error}") from None
+        print((out / "paired.md").read_text())
     if args.log_artifacts:
         run_id = log_comparison(args.tracking_uri[0], args.experiment, paths)
         print(f"logged to run 'comparison' ({run_id}) of {args.tracking_uri[0]}")

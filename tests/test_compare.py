@@ -117,3 +117,57 @@ def test_select_by_leaves_out_runs_without_the_metric(paper_store, tmp_path):
 
     assert best_step([(0, 0.2), (10, 0.5), (20, 0.5)]) == 10  # ties: the earliest
     assert best_step([(0, 0.2), (10, 0.5)], "min") == 0
+
+
+def test_paired_against_grpo_matches_a_paired_t_interval(store, tmp_path):
+    """Per-seed differences against scipy's paired t-test interval; unpaired seeds are left out."""
+    from experiments.compare import RunData, paired_differences
+
+    grpo, steer = [0.50, 0.60, 0.70], [0.60, 0.80, 1.10]        # differences 0.1, 0.2, 0.4
+    runs = [RunData("grpo", str(seed), {"acc": g, "h": 0.2}) for seed, g in zip((1, 2, 3), grpo)]
+    runs += [RunData("steer", str(seed), {"acc": s, "h": 0.3}) for seed, s in zip((1, 2, 3), steer)]
+    runs.append(RunData("steer", "9", {"acc": 5.0, "h": 5.0}))  # no grpo run with seed 9: not paired
+    methods, columns, cells = paired_differences(runs, "grpo")
+    assert methods == ["steer"] and set(columns) == {"acc", "h"}
+    mean, ci, n, differences = cells[("steer", "acc")]
+    reference = stats.ttest_rel(steer, grpo).confidence_interval(0.95)
+    assert n == 3 and differences == pytest.approx([0.1, 0.2, 0.4])
+    assert mean == pytest.approx((reference.low + reference.high) / 2)
+    assert ci == pytest.approx((reference.high - reference.low) / 2)
+    assert cells[("steer", "h")][:3] == pytest.approx((0.1, 0.0, 3))
+    with pytest.raises(ValueError, match="no runs of the baseline 'rloo'"):
+        paired_differences(runs, "rloo")
+    with pytest.raises(ValueError, match="two 'grpo' runs with seed 1"):
+        paired_differences(runs + [RunData("grpo", "1", {"acc": 0.0})], "grpo")
+
+    # through the command line, on the store: steer ran seeds 1 and 2 (+0.05 each), the late mean joins the table
+    out = tmp_path / "paired"
+    paths = compare(["--tracking-uri", store, "--out", str(out), "--paired-against", "grpo"])
+    assert {"paired.md", "paired.csv"} <= {p.name for p in paths}
+    rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "paired.csv").open())}
+    assert set(r[0] for r in rows) == {"steer"}
+    assert float(rows[("steer", "eval/arithmetic/mean_at_4")]["mean"]) == pytest.approx(0.05)
+    assert int(rows[("steer", "eval/arithmetic/mean_at_4")]["n"]) == 2
+    assert "| steer | +0.050 ± 0.000 (n=2)" in (out / "paired.md").read_text()
+    table_rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert float(table_rows[("grpo", "actor/entropy (late mean)")]["mean"]) == pytest.approx(0.82)  # 5 steps < LATE_STEPS
+    with pytest.raises(SystemExit, match="--paired-against: no runs of the baseline 'nope'"):
+        compare(["--tracking-uri", store, "--out", str(tmp_path / "bad"), "--paired-against", "nope"])
+
+
+def test_study_trajectory_tables(store, tmp_path):
+    """experiments/study/trajectory.py: eval metrics by step and the entropy's early/late slopes."""
+    from experiments.study.trajectory import main as trajectory, quarter_slopes, slope_per_100
+
+    assert slope_per_100([(0, 1.0), (10, 0.9), (20, 0.8)]) == pytest.approx(-1.0)
+    history = [(s, 1.0 - 0.01 * s) for s in range(50)] + [(s, 0.5) for s in range(50, 100)]
+    early, late = quarter_slopes(history)
+    assert early == pytest.approx(-1.0) and late == pytest.approx(0.0, abs=1e-12)  # flattened
+    text = trajectory(["--tracking-uri", store, "--metrics", "eval/arithmetic/mean_at_4"])
+    lines = text.splitlines()
+    assert "| arm | n | step 0 | step 4 |" in lines
+    # grpo seeds: 0.2 at step 0 for all, then 0.5 / 0.6 / 0.7 at step 4
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+    assert f"| grpo | 3 | 0.200 ± 0.000 | 0.600 ± {half:.3f} |" in lines
+    # training entropy falls 0.1 per step in every run: -10 per 100 steps early and late, ratio 1
+    assert "| grpo | 3 | -10.000 ± 0.000 | -10.000 ± 0.000 | 1.000 ± 0.000 |" in lines

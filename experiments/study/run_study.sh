@@ -8,7 +8,8 @@
 # Knobs (environment variables):
 #   REGIME    default | paper_regime_small (conf/experiment/paper_regime_small.yaml: the paper's
 #             16 optimiser steps per rollout batch, 32 prompts x 8 samples, mini-batches of 2 prompts)
-#   ARMS      interventions (conf/intervention/), comma-separated
+#   ARMS      interventions (conf/intervention/), comma-separated; the first is the baseline of the
+#             paired differences (OUT/comparison/paired.md: each arm minus it, seed by seed)
 #   SEEDS     run seeds (default 1,2,3). Each seed has its OWN supervised warm-up: the runs get
 #             model.tiny.seed=${seed} and model.warmup.seed=${seed}, so the tiny model's init and the
 #             warm-up's data and order differ per seed and so does its cache folder (the cache key
@@ -111,7 +112,7 @@ uris=()
 for db in "$OUT"/part*/mlflow.db; do uris+=(--tracking-uri "sqlite:///$(realpath "$db")"); done
 # shellcheck disable=SC2086
 python experiments/compare.py "${uris[@]}" --experiment steer-lab --out "$OUT/comparison" \
-  --methods ${ARMS//,/ } \
+  --methods ${ARMS//,/ } --paired-against "${arm_list[0]}" \
   --extra-last probe_summary/released_omega/pearson probe_summary/first_order_omega/pearson \
     probe_summary/covariance/pearson probe_summary/released_omega/spearman \
     probe_summary/first_order_omega/spearman probe_summary/covariance/spearman \
@@ -125,4 +126,6 @@ python experiments/compare.py "${uris[@]}" --experiment steer-lab --out "$OUT/co
     intervention/steer/weight_p10 intervention/steer/weight_p50 intervention/kl_cov/selected_count \
     intervention/clip_cov/selected_count
 python experiments/study/analyse_probe.py "$OUT" > "$OUT/comparison/probe_analysis.md" || status=1
+# shellcheck disable=SC2086
+python experiments/study/trajectory.py "$OUT" --methods ${ARMS//,/ } > "$OUT/comparison/trajectory.md" || status=1
 exit $status
