@@ -17,8 +17,8 @@ entropy (``actor/entropy``) at the first and last step and averaged over the las
 are read at the evaluation where METRIC was best instead (checkpoint selection, as the STEER paper
 picks the checkpoint with the best AIME24 score), and a ``selected step`` column says which.
 The 95% CI is Student's t half-width ``t_{0.975, n-1} s / sqrt(n)`` over the seeds (blank for a
-single seed). Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png`` and
-``accuracy_curves.png``;
+single seed). Writes ``comparison.md``, ``comparison.csv``, ``entropy_curves.png``,
+``accuracy_curves.png`` and, where pass@j or solution diversity were logged, ``diversity_curves.png``;
 ``--paired-against METHOD`` also writes ``paired.md`` / ``paired.csv``: every other method minus
 METHOD, run by run on the same seed (same warm-up, prompts and sampling stream when the runs were
 seeded alike), mean ± 95% CI over those per-seed differences — the test of "does this arm differ
@@ -249,7 +249,8 @@ def plot_curves(runs: Sequence[RunData], out: Path, methods: Sequence[str] | Non
     methods = list(methods or dict.fromkeys(r.method for r in runs))
     accuracy_keys = sorted({k for r in runs for k in r.curves if EVAL_ACCURACY.match(k)})
     panels = [("entropy_curves", ["actor/entropy"] + sorted({k for r in runs for k in r.curves if k.startswith("eval/") and k.endswith("/entropy")})),
-              ("accuracy_curves", accuracy_keys + ["reward/accuracy"])]
+              ("accuracy_curves", accuracy_keys + ["reward/accuracy"]),
+              ("diversity_curves", sorted({k for r in runs for k in r.curves if EVAL_EXTRA.match(k)}))]
     bases = list(dict.fromkeys(m.replace("_extreme", "") for m in methods))
     colors = {base: plt.cm.tab10(i % 10) for i, base in enumerate(bases)}
     written = []

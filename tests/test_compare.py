@@ -28,7 +28,9 @@ def store(tmp_path_factory):
         metrics += [Metric("reward/accuracy", 0.1 * step, 0, step) for step in range(5)]
         metrics += [Metric("eval/arithmetic/mean_at_4", 0.2, 0, 0),
                     Metric("eval/arithmetic/mean_at_4", accuracy, 0, 4),  # the last step counts
-                    Metric("eval/arithmetic/entropy", 0.3, 0, 4)]
+                    Metric("eval/arithmetic/entropy", 0.3, 0, 4),
+                    Metric("eval/arithmetic/distinct_solutions", 4.0, 0, 0),
+                    Metric("eval/arithmetic/distinct_solutions", 3.0 - 0.5 * seed, 0, 4)]
         client.log_batch(run_id, metrics=metrics, params=params)
         client.set_terminated(run_id)
     return uri
@@ -37,7 +39,8 @@ def store(tmp_path_factory):
 def test_table_and_plots(store, tmp_path):
     out = tmp_path / "out"
     paths = compare(["--tracking-uri", store, "--out", str(out)])
-    assert {p.name for p in paths} == {"comparison.md", "comparison.csv", "entropy_curves.png", "accuracy_curves.png"}
+    assert {p.name for p in paths} == {"comparison.md", "comparison.csv", "entropy_curves.png", "accuracy_curves.png",
+                                       "diversity_curves.png"}
     rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "comparison.csv").open())}
     grpo = rows[("grpo", "eval/arithmetic/mean_at_4")]
     half_width = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # sample std of 0.5, 0.6, 0.7 is 0.1
@@ -47,8 +50,10 @@ def test_table_and_plots(store, tmp_path):
     assert float(rows[("steer", "eval/arithmetic/mean_at_4")]["mean"]) == pytest.approx(0.6)
     assert float(rows[("grpo", "actor/entropy (start)")]["mean"]) == pytest.approx(1.02)
     assert float(rows[("grpo", "actor/entropy (end)")]["mean"]) == pytest.approx(0.62)
+    assert float(rows[("grpo", "eval/arithmetic/distinct_solutions")]["mean"]) == pytest.approx(2.0)  # 2.5, 2.0, 1.5
     markdown = (out / "comparison.md").read_text()
-    assert f"| grpo | 0.600 ± {half_width:.3f} (n=3)" in markdown
+    grpo_row = next(line for line in markdown.splitlines() if line.startswith("| grpo |"))
+    assert grpo_row.startswith("| grpo | 2.000 ± ") and f"| 0.600 ± {half_width:.3f} (n=3) |" in grpo_row
     assert "eval/arithmetic/entropy (end)" in markdown
 
 
@@ -58,8 +63,8 @@ def test_filter_and_single_seed(store, tmp_path):
              "--extra-mean", "reward/accuracy"])
     lines = (out / "comparison.md").read_text().splitlines()
     table = [line for line in lines if line.startswith("| steer") or line.startswith("| grpo")]
-    assert table[0].startswith("| steer | 0.550 (n=1)")  # one seed: no CI, rows in the order asked
-    assert table[1].startswith("| grpo | 0.500 (n=1)")
+    assert table[0].startswith("| steer | 2.500 (n=1) | 0.550 (n=1)")  # one seed: no CI, rows in the order asked
+    assert table[1].startswith("| grpo | 2.500 (n=1) | 0.500 (n=1)")
     assert "reward/accuracy (run mean)" in lines[2] and table[1].endswith("| 0.200 (n=1) |")  # mean of 0..0.4
 
 
@@ -148,7 +153,7 @@ def test_paired_against_grpo_matches_a_paired_t_interval(store, tmp_path):
     assert set(r[0] for r in rows) == {"steer"}
     assert float(rows[("steer", "eval/arithmetic/mean_at_4")]["mean"]) == pytest.approx(0.05)
     assert int(rows[("steer", "eval/arithmetic/mean_at_4")]["n"]) == 2
-    assert "| steer | +0.050 ± 0.000 (n=2)" in (out / "paired.md").read_text()
+    assert "| steer | +0.000 ± 0.000 (n=2) | +0.050 ± 0.000 (n=2) |" in (out / "paired.md").read_text()  # orders, mean@4
     table_rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "comparison.csv").open())}
     assert float(table_rows[("grpo", "actor/entropy (late mean)")]["mean"]) == pytest.approx(0.82)  # 5 steps < LATE_STEPS
     with pytest.raises(SystemExit, match="--paired-against: no runs of the baseline 'nope'"):
