@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script:
 
 from experiments.compare import RunData, collect_runs, mean_and_ci  # noqa: E402
 
-DEFAULT_METRICS = ("eval/arithmetic/mean_at_32", "eval/arithmetic/pass_at_32", "eval/arithmetic/entropy",
-                   "eval/arithmetic/distinct_solutions")
+DEFAULT_METRICS = ("eval/arithmetic/mean_at_32", "eval/arithmetic/pass_at_16", "eval/arithmetic/pass_at_32",
+                   "eval/arithmetic/entropy", "eval/arithmetic/distinct_solutions", "eval/arithmetic/solution_entropy")
 
 
 def slope_per_100(points: Sequence[tuple[int, float]]) -> float:
