@@ -34,6 +34,9 @@
 #   (10 arms ~1.9 h); paper_regime_small ~3 s/step -> 12 arms ~4.5 h, so cut ARMS (never seeds) to
 #   grpo,clip_higher,kl_cov,steer,grpo_extreme,steer_extreme (~2.3 h; ~2.1 h with EVAL_EVERY=125).
 #   Under load from other jobs, 2-3x longer.
+# Measured (experiments/study/REPORT.md, load average 2-3): paper_regime_small, those 6 arms, STEPS=120
+#   EVAL_EVERY=40: 470 s of warm-ups + 3730 s of runs (~70 min); default regime, 6 arms, 250 steps,
+#   EVAL_EVERY=125: 43 s of (cached) warm-up checks + 3276 s of runs (~55 min).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -117,12 +120,13 @@ python experiments/compare.py "${uris[@]}" --experiment steer-lab --out "$OUT/co
     probe_summary/covariance/pearson probe_summary/released_omega/spearman \
     probe_summary/first_order_omega/spearman probe_summary/covariance/spearman \
     probe_summary/released_omega/sign_agreement probe_summary/first_order_omega/sign_agreement \
-    probe_summary/covariance/sign_agreement \
+    probe_summary/covariance/sign_agreement probe_summary/parameter_space/pearson \
+    probe_summary/parameter_space/spearman probe_summary/parameter_space/sign_agreement \
   --extra-mean steer_diag/steer/weight_mean steer_diag/steer/share_below_0_99 \
     steer_diag/steer/removed_share_abs steer_diag/steer/max_token_prob \
     steer_diag/steer_quantile/weight_mean steer_diag/steer_quantile/share_below_0_99 \
     steer_diag/steer_quantile/removed_share_abs steer_diag/steer_band/weight_mean \
-    steer_diag/steer_band/removed_share_abs actor/clipfrac_low actor/clipfrac_high \
+    steer_diag/steer_band/removed_share_abs actor/clipfrac_low actor/clipfrac_high actor/clipfrac_dual actor/approx_kl_old \
     intervention/steer/weight_p10 intervention/steer/weight_p50 intervention/kl_cov/selected_count \
     intervention/clip_cov/selected_count
 python experiments/study/analyse_probe.py "$OUT" > "$OUT/comparison/probe_analysis.md" || status=1
