@@ -189,21 +189,9 @@ def paired_differences(runs: Sequence[RunData], baseline: str,
 def write_paired(runs: Sequence[RunData], out: Path, baseline: str, methods: Sequence[str] | None = None,
                  at: str = "the last step") -> tuple[Path, Path]:
     methods, columns, cells = paired_differences(runs, baseline, methods)
-    markdown = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for method in methods:
-        markdown.append(f"| {method} | " + " | ".join(_cell(*cells[(method, c)][:3], signed=True) for c in columns) + " |")
-    md_path = out / "paired.md"
-    md_path.write_text(f"Paired difference method − {baseline} per seed, mean ± 95% CI (Student t) over seeds; "
-                       f"accuracy = held-out mean@k at {at}.\n\n" + "\n".join(markdown) + "\n")
-    csv_path = out / "paired.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "baseline", "column", "mean", "ci95", "n", "differences"])
-        for method in methods:
-            for column in columns:
-                mean, ci, n, values = cells[(method, column)]
-                writer.writerow([method, baseline, column, mean, ci, n, " ".join(f"{v:.6g}" for v in values)])
-    return md_path, csv_path
+    title = (f"Paired difference method − {baseline} per seed, mean ± 95% CI (Student t) over seeds; "
+             f"accuracy = held-out mean@k at {at}.")
+    return _write_cells(out, "paired", title, methods, columns, cells, signed=True, baseline=baseline)
 
 
 def _cell(mean: float, ci: float, n: int, signed: bool = False) -> str:
@@ -216,20 +204,29 @@ def _cell(mean: float, ci: float, n: int, signed: bool = False) -> str:
 def write_table(runs: Sequence[RunData], out: Path, methods: Sequence[str] | None = None,
                 at: str = "the last step") -> tuple[Path, Path]:
     methods, columns, cells = table(runs, methods)
+    title = f"Mean ± 95% CI (Student t) over seeds; accuracy = held-out mean@k at {at}."
+    return _write_cells(out, "comparison", title, methods, columns, cells)
+
+
+def _write_cells(out: Path, stem: str, title: str, methods: Sequence[str], columns: Sequence[str], cells: dict,
+                 signed: bool = False, baseline: str | None = None) -> tuple[Path, Path]:
+    """``<stem>.md`` (methods x columns) and ``<stem>.csv`` (one row per cell, with its values; a
+    ``baseline`` column for paired differences)."""
     markdown = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method in methods:
-        markdown.append(f"| {method} | " + " | ".join(_cell(*cells[(method, c)][:3]) for c in columns) + " |")
-    md_path = out / "comparison.md"
-    md_path.write_text(f"Mean ± 95% CI (Student t) over seeds; accuracy = held-out mean@k at {at}.\n\n"
-                       + "\n".join(markdown) + "\n")
-    csv_path = out / "comparison.csv"
+        markdown.append(f"| {method} | " + " | ".join(_cell(*cells[(method, c)][:3], signed=signed) for c in columns) + " |")
+    md_path = out / f"{stem}.md"
+    md_path.write_text(title + "\n\n" + "\n".join(markdown) + "\n")
+    lead = ["method"] + (["baseline"] if baseline is not None else [])
+    csv_path = out / f"{stem}.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "column", "mean", "ci95", "n", "values"])
+        writer.writerow([*lead, "column", "mean", "ci95", "n", "differences" if baseline is not None else "values"])
         for method in methods:
             for column in columns:
                 mean, ci, n, values = cells[(method, column)]
-                writer.writerow([method, column, mean, ci, n, " ".join(f"{v:.6g}" for v in values)])
+                row = [method] + ([baseline] if baseline is not None else [])
+                writer.writerow([*row, column, mean, ci, n, " ".join(f"{v:.6g}" for v in values)])
     return md_path, csv_path
 
 

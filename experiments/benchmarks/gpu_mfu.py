@@ -47,10 +47,9 @@ def forward_flops_per_token(parameters: int, layers: int, hidden: int, sequence:
     return 2.0 * parameters + 4.0 * layers * hidden * sequence
 
 
-def mfu(result: dict, non_embedding: int, layers: int, hidden: int, peak_tflops: float) -> dict:
+def mfu(result: dict, rows: int, non_embedding: int, layers: int, hidden: int, peak_tflops: float) -> dict:
     """Update and whole-step MFU of one bench_step result (see the module docstring)."""
     tokens = result["generated_tokens_per_step"]
-    rows = result["step_rows"]
     sequence = tokens / rows if rows else 0.0
     forward = forward_flops_per_token(non_embedding, layers, hidden, sequence) * tokens
     phases = result["phase_median_s"]
@@ -86,16 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     if peak is None:
         raise SystemExit(f"no known bf16 peak for {name!r}: pass --peak-tflops")
     result = bench_step.measure([*WORKLOAD, *args.overrides], args.warmup, args.steps)
-    cfg = bench_step.compose([*WORKLOAD, *args.overrides])
-    tiny = cfg.model.tiny
-    hidden, layers, vocab_rows = int(tiny.hidden_size), int(tiny.num_layers), 0
     from steer.models.tiny import build_char_tokenizer
 
-    vocab_rows = len(build_char_tokenizer())
-    non_embedding = result["parameters"] - vocab_rows * hidden  # tied embeddings: counted once
-    result["step_rows"] = int(cfg.algorithm.prompts_per_step) * int(cfg.algorithm.n)
-    result.update(mfu(result, non_embedding, layers, hidden, peak), device=name, peak_tflops=peak,
-                  non_embedding_parameters=non_embedding)
+    cfg = bench_step.compose([*WORKLOAD, *args.overrides])  # the shapes the measured run used
+    hidden, layers = int(cfg.model.tiny.hidden_size), int(cfg.model.tiny.num_layers)
+    rows = int(cfg.algorithm.prompts_per_step) * int(cfg.algorithm.n)
+    non_embedding = result["parameters"] - len(build_char_tokenizer()) * hidden  # tied embeddings: counted once
+    result.update(mfu(result, rows, non_embedding, layers, hidden, peak), device=name, peak_tflops=peak,
+                  non_embedding_parameters=non_embedding, step_rows=rows)
     print(bench_step.format_table(result))
     print(f"device {name}, peak {peak:.0f} TFLOPS bf16; {non_embedding / 1e6:.1f}M non-embedding parameters")
     print(f"update: {result['update_tokens_per_s']:.0f} trained tokens/s, MFU {100 * result['update_mfu']:.1f}%")
