@@ -1,5 +1,5 @@
-"""Trainer-side performance paths must not change what is learned: the skipped old-log-prob forward
-(one optimiser step per batch) and the fused optimiser."""
+"""Trainer-side performance paths must not change what is learned: the old-log-prob forward the
+first mini-batch's update replaces, and the fused optimiser."""
 
 from __future__ import annotations
 
@@ -73,33 +73,45 @@ def _deterministic(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("time/")}
 
 
+PROBE_EVERY_STEP = ["callbacks.entropy_probe.every_n_steps=1", "callbacks.entropy_probe.probe_sequences=4", "callbacks.entropy_probe.figures=[]"]
+TWO_STEPS_WITH_PROBE = ["algorithm.minibatch_prompts=2", *PROBE_EVERY_STEP]  # the embedded default's shape
+
+
 @pytest.mark.parametrize(
-    "extra",
+    "extra, steps_per_batch, first_micro_batches",
     [
-        [],
-        ["algorithm.kl.coef=0.1", "algorithm.rollout_correction=token_tis", "algorithm.micro_batch_size=8"],
-        [  # STEER reads the old values inside the loss; ONE_STEP's bonus added for non-zero gradients
-            "intervention=steer", "algorithm.micro_batch_size=8",
-            "+intervention.components.bonus._target_=steer.algo.interventions.entropy_bonus.EntropyBonus",
-            "+intervention.components.bonus.coefficient=0.001",
-        ],
+        ([], 1, 1),
+        (["algorithm.kl.coef=0.1", "algorithm.rollout_correction=token_tis", "algorithm.micro_batch_size=8"], 1, 2),
+        (
+            [  # STEER reads the old values inside the loss; ONE_STEP's bonus added for non-zero gradients
+                "intervention=steer", "algorithm.micro_batch_size=8",
+                "+intervention.components.bonus._target_=steer.algo.interventions.entropy_bonus.EntropyBonus",
+                "+intervention.components.bonus.coefficient=0.001",
+            ],
+            1,
+            2,
+        ),
+        (TWO_STEPS_WITH_PROBE, 2, 1),
+        ([*TWO_STEPS_WITH_PROBE, "algorithm.epochs=2", "algorithm.micro_batch_size=4"], 4, 2),
     ],
-    ids=["plain", "kl-tis-microbatch", "steer"],
+    ids=["plain", "kl-tis-microbatch", "steer", "two-steps-probe", "two-epochs-probe-microbatch"],
 )
-def test_reusing_the_update_logprobs_changes_nothing(tmp_path, monkeypatch, extra):
-    overrides = [*ONE_STEP, *extra]
+def test_reusing_the_update_logprobs_changes_nothing(tmp_path, monkeypatch, extra, steps_per_batch, first_micro_batches):
+    probe_on = PROBE_EVERY_STEP[0] in extra
+    overrides = [o for o in ONE_STEP if not (probe_on and o == "callbacks.entropy_probe=null")] + extra
     full_metrics, full, full_reused, full_calls = _run(tmp_path / "full", monkeypatch, overrides, force_full=True)
     reuse_metrics, reuse, reused, reuse_calls = _run(tmp_path / "reuse", monkeypatch, overrides, force_full=False)
     assert reused and not full_reused
-    steps = 2
-    # The skipped forward: one no-grad policy pass per micro-batch and RL step fewer, the same update passes.
-    micro_batches = 16 // 8 if "algorithm.micro_batch_size=8" in extra else 1
-    assert full_calls["no_grad"] - reuse_calls["no_grad"] == steps * micro_batches
-    assert full_calls["grad"] == reuse_calls["grad"] == steps * micro_batches
-    assert len(full.gradients) == len(reuse.gradients) == steps
+    rl_steps = 2
+    # The skipped forwards: the first mini-batch's no-grad policy passes (one per micro-batch) per RL
+    # step; the update's passes (and the probe's own) are the same.
+    assert full_calls["no_grad"] - reuse_calls["no_grad"] == rl_steps * first_micro_batches
+    assert full_calls["grad"] == reuse_calls["grad"] > 0
+    assert len(full.gradients) == len(reuse.gradients) == rl_steps * steps_per_batch
     # Bit for bit: on CPU the update's forward runs the same kernels on the same rows and width as the
-    # no-grad pass it replaces, so old log-probs, gradients, weights and metrics are identical.
-    for step in range(steps):
+    # no-grad pass it replaces, so old log-probs, gradients, weights and metrics (the probe's included:
+    # it runs after the first mini-batch's backward, still on pi_old) are identical.
+    for step in range(len(full.gradients)):
         assert full.gradients[step].abs().sum() > 0  # the test compares real updates
         assert reuse.old_logprobs[step].abs().sum() > 0
         assert torch.equal(reuse.old_logprobs[step], full.old_logprobs[step])
@@ -108,9 +120,11 @@ def test_reusing_the_update_logprobs_changes_nothing(tmp_path, monkeypatch, extr
     assert not torch.equal(full.weights[0], full.weights[1])
     assert _deterministic(reuse_metrics) == _deterministic(full_metrics)
     assert full_metrics["actor/entropy"] > 0 and "rollout/mismatch_abs_mean" in full_metrics  # read the old values
+    if probe_on:  # the probe measured (it runs every step) and read the old values
+        assert full_metrics["probe/tokens"] > 0 and "quadrant/neg_adv_high_prob/token_share" in full_metrics
 
 
-def test_no_reuse_when_old_values_are_read_before_the_update_or_the_batch_has_two_steps(tmp_path):
+def test_no_reuse_when_an_intervention_reads_the_old_values_before_the_update_forward(tmp_path):
     module, _ = steer.app.build_module(compose(ONE_STEP, tmp_path))
     assert module.reuses_update_logprobs
 
@@ -118,9 +132,9 @@ def test_no_reuse_when_old_values_are_read_before_the_update_or_the_batch_has_tw
         def before_update(self, module, context) -> None: ...
 
     module.observers.append(ReadsOldValues())
-    assert not module.reuses_update_logprobs
+    assert module.reuses_update_logprobs  # observers run after the first mini-batch's forward, before its step
     two_steps, _ = steer.app.build_module(compose([*ONE_STEP, "algorithm.minibatch_prompts=2"], tmp_path))
-    assert two_steps.optimizer_steps_per_batch == 2 and not two_steps.reuses_update_logprobs
+    assert two_steps.optimizer_steps_per_batch == 2 and two_steps.reuses_update_logprobs
     steer_global, _ = steer.app.build_module(compose([*ONE_STEP, "intervention=steer", "intervention.components.steer.scope=global"], tmp_path))
     assert not steer_global.reuses_update_logprobs  # its mini-batch pass reads the old values before the update's forward
     steer_micro, _ = steer.app.build_module(compose([*ONE_STEP, "intervention=steer"], tmp_path))

@@ -137,7 +137,12 @@ class StepContext:
 
 class StepObserver:
     """Hooks into the RL step for instruments that must see the update itself (register with
-    ``module.observers.append``). Both hooks run without gradient."""
+    ``module.observers.append``). Both hooks run without gradient.
+
+    ``before_update`` runs once per RL step, when the old log-probs and entropies of every row are
+    complete and the weights are still pi_old's: after the first mini-batch's forward and backward
+    (its gradients may be accumulated, see :attr:`RLVRModule.reuses_update_logprobs`) and before
+    its optimiser step. ``after_optimizer_step`` runs after each optimiser step."""
 
     def before_update(self, module: "RLVRModule", context: StepContext) -> None: ...
 
@@ -248,24 +253,34 @@ class RLVRModule(L.LightningModule):
         lengths = rollout.response_lengths.view(-1, n).float()
         advantages = group_advantages(rewards, algo.estimator, lengths).view(-1, 1)
 
-        # 4. Log-probs and entropy of pi_old (and pi_ref) at every sampled token, no gradient. With one
-        #    optimiser step per batch and nobody reading them before it, pi_old is the policy the update
-        #    differentiates: its forward fills them in (phase 5) and only pi_ref is scored here.
+        # 4. Log-probs and entropy of pi_old (and pi_ref) at every sampled token, no gradient. The first
+        #    mini-batch's forward in phase 5 runs on pi_old itself, so it fills in their values (see
+        #    reuses_update_logprobs) and only the other mini-batches' policy values are scored here.
         reuse = self.reuses_update_logprobs
         with timer("old_logprobs"):
-            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout, score_policy=not reuse)
+            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout, skip_first_minibatch=reuse)
 
         context = StepContext(self.rl_step, batch, rollout, rewards, advantages, old_logprobs, old_entropy, {})
-        with timer("observers"), torch.no_grad():
-            for observer in self.observers:
-                observer.before_update(self, context)
+
+        def before_update() -> None:  # once the old values are complete, before the weights change
+            with timer("observers"), torch.no_grad():
+                for observer in self.observers:
+                    observer.before_update(self, context)
+
+        if not reuse:
+            before_update()
 
         # 5. Policy update: mini-batches of whole groups, micro-batches for memory.
         update_metrics, index = MetricMean(), 0
         for _ in range(algo.epochs):
             for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
+                fill_old = reuse and index == 0
                 with timer("update"):
-                    step_metrics = self._optimizer_step(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old=reuse)
+                    accumulated = self._accumulate_gradients(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old)
+                if fill_old:
+                    before_update()
+                with timer("update"):
+                    step_metrics = self._apply_gradients(*accumulated)
                 update_metrics.add(step_metrics, weight=1.0)
                 with timer("observers"), torch.no_grad():
                     for observer in self.observers:
@@ -324,10 +339,16 @@ class RLVRModule(L.LightningModule):
 
     def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old: bool = False) -> dict[str, float]:
         """One optimiser step on the sequences ``rows`` of the rollout batch (this rank's share of the
-        mini-batch); the loss is normalised by the mini-batch totals over all ranks.
+        mini-batch); the loss is normalised by the mini-batch totals over all ranks."""
+        accumulated = self._accumulate_gradients(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old)
+        return self._apply_gradients(*accumulated)
 
-        ``fill_old`` (see :attr:`reuses_update_logprobs`): ``old_logprobs``/``old_entropy`` are still
-        zeros; each micro-batch's forward writes its detached values into them before they are read."""
+    def _accumulate_gradients(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old: bool = False):
+        """Forward and backward of the mini-batch ``rows``, micro-batch by micro-batch; returns what
+        :meth:`_apply_gradients` needs (the metrics and the summed loss).
+
+        ``fill_old`` (see :attr:`reuses_update_logprobs`): the rows' ``old_logprobs``/``old_entropy``
+        are still zeros; each micro-batch's forward writes its detached values into them before they are read."""
         algo = self.algorithm
         optimizer = self.optimizers()
         mask = rollout.response_mask[rows]
@@ -369,6 +390,12 @@ class RLVRModule(L.LightningModule):
             micro_tokens = max(float(tokens.mask.sum()), 1.0)
             micro_metrics["actor/policy_loss"] = loss.detach() / totals.data_parallel_size * totals.tokens / micro_tokens
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
+        return metrics, loss_sum
+
+    def _apply_gradients(self, metrics: MetricMean, loss_sum: torch.Tensor) -> dict[str, float]:
+        """Clip the accumulated gradients and take the optimiser step (skipped when the loss or the
+        gradient norm is not finite); returns the optimiser step's metrics."""
+        algo, optimizer = self.algorithm, self.optimizers()
         grad_norm = self._clip_gradients(algo.grad_clip if algo.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)  # every rank skips, or none
@@ -470,50 +497,44 @@ class RLVRModule(L.LightningModule):
             chunk_tokens=self.algorithm.logprob_chunk_tokens,
         )
 
-    @staticmethod
-    def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
-        return torch.nn.functional.pad(values, (0, width - values.shape[1]))
-
     @property
     def reuses_update_logprobs(self) -> bool:
-        """Whether phase 4 skips the policy's no-grad forward and the update's forward supplies the
-        old log-probs and entropies instead (TRL's GRPOTrainer does the same).
+        """Whether the first mini-batch's old log-probs and entropies come from the update's forward
+        (the phase-4 pass then scores only the other mini-batches; with one optimiser step per batch
+        it is skipped, as TRL's GRPOTrainer does).
 
-        True when a rollout batch gets exactly one optimiser step (one mini-batch, one epoch): then
-        pi_old is the policy at that step, and the update's forward over the same rows and width
-        gives the same values. Not when something reads them before that forward: an observer with
-        a ``before_update`` hook (the entropy probe), or an intervention with a mini-batch pass.
+        The first optimiser step differentiates pi_old itself, so its forward over the same rows and
+        width gives the same values. ``before_update`` observers (the entropy probe) then run after
+        that mini-batch's backward and before its optimiser step: the old values are complete and the
+        weights are still pi_old's. Not with an intervention that has a mini-batch pass: that pass
+        reads the old values before the update's forward.
         """
-        if self.optimizer_steps_per_batch != 1:
-            return False
-        if any(intervention.needs_minibatch_pass for intervention in self.interventions):
-            return False
-        return not any(type(observer).before_update is not StepObserver.before_update for observer in self.observers)
+        return not any(intervention.needs_minibatch_pass for intervention in self.interventions)
 
-    def _score_without_grad(self, rollout: RolloutBatch, score_policy: bool = True):
+    def _score_without_grad(self, rollout: RolloutBatch, skip_first_minibatch: bool = False):
         """``(old_logprobs, old_entropy, ref_logprobs)``, each ``[B, R]`` and 0 on padding (``ref``:
-        None without a reference model). ``score_policy=False``: the first two stay zeros (the
-        update fills them in, see :attr:`reuses_update_logprobs`)."""
-        width = rollout.response_ids.shape[1]
+        None without a reference model). ``skip_first_minibatch``: the policy's values of the first
+        mini-batch's rows stay zeros (its update forward fills them in, see :attr:`reuses_update_logprobs`)."""
+        num_rows, width = rollout.response_ids.shape
         size = self.algorithm.micro_batch_size or self.minibatch_sequences
-        old_lp, old_ent, ref_lp = [], [], []
+        old_logprobs = torch.zeros(num_rows, width, dtype=torch.float32, device=rollout.response_ids.device)
+        old_entropy = torch.zeros_like(old_logprobs)
+        ref_logprobs = torch.zeros_like(old_logprobs) if self.reference is not None else None
+        first_scored = min(self.minibatch_sequences, num_rows) if skip_first_minibatch else 0
         with torch.no_grad():
-            for start in range(0, rollout.response_ids.shape[0], size):
-                rows = torch.arange(start, min(start + size, rollout.response_ids.shape[0]))
+            for start in range(0, num_rows, size):
+                rows = torch.arange(start, min(start + size, num_rows))
                 row_width = int(rollout.response_lengths[rows].max().clamp(min=1))
-                if score_policy:
-                    logprobs, entropy = self.logprobs_and_entropy(rollout, rows, row_width)
-                    old_lp.append(self._pad_to(logprobs, width))
-                    old_ent.append(self._pad_to(entropy, width))
-                if self.reference is not None:
-                    ref_lp.append(self._pad_to(self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0], width))
+                policy_rows = rows[rows >= first_scored]
+                if len(policy_rows):
+                    policy_width = int(rollout.response_lengths[policy_rows].max().clamp(min=1))
+                    logprobs, entropy = self.logprobs_and_entropy(rollout, policy_rows, policy_width)
+                    old_logprobs[policy_rows, :policy_width] = logprobs
+                    old_entropy[policy_rows, :policy_width] = entropy
+                if ref_logprobs is not None:
+                    ref_logprobs[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0]
         mask = rollout.response_mask
-        if score_policy:
-            old_logprobs, old_entropy = torch.cat(old_lp) * mask, torch.cat(old_ent) * mask
-        else:
-            old_logprobs, old_entropy = torch.zeros_like(mask, dtype=torch.float32), torch.zeros_like(mask, dtype=torch.float32)
-        ref_logprobs = torch.cat(ref_lp) * mask if ref_lp else None
-        return old_logprobs, old_entropy, ref_logprobs
+        return old_logprobs * mask, old_entropy * mask, None if ref_logprobs is None else ref_logprobs * mask
 
     @staticmethod
     def _tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask, sampler_logprobs=None) -> PolicyTokens:
