@@ -109,7 +109,7 @@ def test_profile_summary_counts_only_the_rl_step(tmp_path):
     step = "run (steer/app.py:1);Strategy.training_step (lightning/strategy.py:3);RLVRModule.training_step (steer/module.py:216)"
     raw.write_text("\n".join([
         f"{step};HFRolloutEngine.generate (steer/rollout/hf.py:76);Linear.forward (torch/linear.py:5) 30",
-        f"{step};RLVRModule._optimizer_step (steer/module.py:300);backward (torch/__init__.py:1) 50",
+        f"{step};RLVRModule._accumulate_gradients (steer/module.py:300);backward (torch/__init__.py:1) 50",
         f"{step};RLVRModule._score_without_grad (steer/module.py:450);Linear.forward (torch/linear.py:5) 20",
         "import_module (importlib/__init__.py:1) 400",
         "Strategy.training_step (lightning/strategy.py:3);other (x.py:1) 7",

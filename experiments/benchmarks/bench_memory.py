@@ -4,7 +4,7 @@ The model is a random-init Qwen2 with SmolLM2-135M's shape (vocabulary 49,152, h
 9 heads, 3 KV heads, intermediate 1536, tied embeddings); the batch is 64 sequences x 87 tokens
 (23 prompt + 64 response). The pass is the trainer's own: ``response_logprobs_and_entropy`` (chunked
 output head) then ``policy_loss`` (GRPO, token-mean) and ``backward``, micro-batch by micro-batch as
-``RLVRModule._optimizer_step`` does. Each configuration runs in a fresh subprocess; its peak is the
+``RLVRModule._accumulate_gradients`` does. Each configuration runs in a fresh subprocess; its peak is the
 child's ``ru_maxrss`` (includes the interpreter, torch and the weights + gradients: the "model" column
 is the RSS after building the model and one tiny forward, before the measured pass).
 

@@ -34,7 +34,7 @@ REPO = HERE.parents[1]
 PHASES = [
     ("rollout (generate)", {"generate", "sync_weights"}),
     ("old_logprobs", {"_score_without_grad"}),
-    ("update: optimiser step", {"_optimizer_step"}),
+    ("update: optimiser step", {"_accumulate_gradients", "_apply_gradients"}),
     ("reward", {"score_safely", "batch_decode"}),
     ("observers", {"before_update", "after_optimizer_step"}),
 ]

@@ -337,15 +337,10 @@ class RLVRModule(L.LightningModule):
         if self.rl_step >= self.algorithm.steps:
             self.trainer.should_stop = True
 
-    def _optimizer_step(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old: bool = False) -> dict[str, float]:
-        """One optimiser step on the sequences ``rows`` of the rollout batch (this rank's share of the
-        mini-batch); the loss is normalised by the mini-batch totals over all ranks."""
-        accumulated = self._accumulate_gradients(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old)
-        return self._apply_gradients(*accumulated)
-
     def _accumulate_gradients(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old: bool = False):
-        """Forward and backward of the mini-batch ``rows``, micro-batch by micro-batch; returns what
-        :meth:`_apply_gradients` needs (the metrics and the summed loss).
+        """Forward and backward of the sequences ``rows`` of the rollout batch (this rank's share of
+        the mini-batch), micro-batch by micro-batch, the loss normalised by the mini-batch totals over
+        all ranks; returns what :meth:`_apply_gradients` needs (the metrics and the summed loss).
 
         ``fill_old`` (see :attr:`reuses_update_logprobs`): the rows' ``old_logprobs``/``old_entropy``
         are still zeros; each micro-batch's forward writes its detached values into them before they are read."""
