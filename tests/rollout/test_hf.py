@@ -72,6 +72,34 @@ def test_the_functional_and_the_hf_forward_loops_draw_the_same_tokens():
     torch.testing.assert_close(draws[0][1], draws[1][1], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_a_prefill_shared_by_each_prompts_samples_changes_nothing(num_kv_heads):
+    """group=n computes each prompt once and copies its keys, values and first logits to its n rows:
+    the same tokens and log-probs as computing every row (left padding of 0, 9 and 15 positions)."""
+    from steer.rollout.decode import FunctionalDecoder
+
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads).eval()
+    prompts = [tokenizer(text).input_ids for text in ("Q: Compute 12+30+7.\nA: ", "Q: hi\nA: ", "A: ")]
+    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(4)], tokenizer.pad_token_id)
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    every_row, shared = (FunctionalDecoder(policy, prompt_mask, prompt_ids.shape[1] + 4) for _ in range(2))
+    with torch.no_grad():
+        torch.testing.assert_close(shared.prefill(prompt_ids, positions, group=4), every_row.prefill(prompt_ids, positions), atol=1e-6, rtol=0)
+    for a, b in zip(shared.keys + shared.values, every_row.keys + every_row.values):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert a[:, :, : prompt_ids.shape[1]].abs().sum() > 0
+    draws = []
+    for group in (1, 4):
+        torch.manual_seed(5)
+        draws.append(sample(policy, prompt_ids, prompt_mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, group=group))
+    assert torch.equal(draws[0][0], draws[1][0])
+    torch.testing.assert_close(draws[0][1], draws[1][1], atol=1e-6, rtol=0)
+    assert len({tuple(row.tolist()) for row in draws[0][0][:4]}) > 1  # the 4 samples of a prompt differ
+    with pytest.raises(ValueError, match="group=5"):
+        sample(policy, prompt_ids, prompt_mask, 4, tokenizer.eos_token_id, tokenizer.pad_token_id, group=5)
+
+
 @pytest.mark.parametrize("functional", [True, False])
 def test_the_first_token_follows_the_exact_filtered_softmax(functional):
     """Chi-square of 4,000 first tokens against the teacher-forced distribution after T and top-p."""

@@ -9,7 +9,9 @@ This loop keeps the per-token work to the model's own operators:
   as one fused ``F.rms_norm`` in float32) applied by hand on a preallocated key/value buffer
   ``[B, KV heads, P + R, head dim]`` per layer (``scaled_dot_product_attention`` for the prefill,
   a plain matmul pair for each single-query step), so a step allocates no cache and builds no
-  mask object. Tests check it against the model's own teacher-forced forward.
+  mask object. Tests check it against the model's own teacher-forced forward. When the rows are
+  runs of n copies of one prompt (n samples per prompt, as every engine call makes them), the
+  prefill runs once per prompt and its keys and values are copied to the n rows.
 - **Any other causal LM** (and sharded FSDP2 policies, whose parameters only the layers' own
   forward gathers) goes through :func:`hf_forward_steps`: the model's ``forward`` with its own
   ``DynamicCache`` and a 2-D attention mask (slower, but architecture-agnostic).
@@ -138,21 +140,28 @@ class FunctionalDecoder:
         # [B, q] positions -> [B, 1, q, head dim] tables that broadcast over heads.
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``[B, P]`` left-padded prompt tokens at ``[B, P]`` positions."""
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """``[B, P]`` left-padded prompt tokens at ``[B, P]`` positions.
+
+        ``group``: the rows come in runs of ``group`` copies of one prompt (n samples per prompt);
+        each prompt is then computed once and its keys, values and logits are copied to its run.
+        """
+        if group > 1:
+            tokens, positions = tokens[::group], positions[::group]
         length = tokens.shape[1]
         rows = torch.arange(length, device=tokens.device)[:, None]
         columns = torch.arange(length, device=tokens.device)[None, :]
         # Causal and not padding; each query also sees itself, so that a padding query attends to
         # something (an all-masked row would put NaN into the buffers, and NaN * 0 is NaN).
-        visible = (self.column_bias[:, :, :, :length] == 0) | (columns == rows)
+        visible = (self.column_bias[::group, :, :, :length] == 0) | (columns == rows)
         visible = visible & (columns <= rows)
 
         def attend(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale,
                                                   enable_gqa=self.num_heads != self.num_kv_heads)
 
-        return self._layers(tokens, positions, 0, attend)
+        logits = self._layers(tokens, positions, 0, attend, group)
+        return logits.repeat_interleave(group, dim=0) if group > 1 else logits
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
         """``[B]`` tokens at ``[B, 1]`` positions, written at ``column``; attends to ``[0, column]``."""
@@ -170,7 +179,10 @@ class FunctionalDecoder:
 
         return self._layers(tokens[:, None], positions, column, attend)
 
-    def _layers(self, tokens, positions, start, attend) -> torch.Tensor:
+    def _layers(self, tokens, positions, start, attend, group: int = 1) -> torch.Tensor:
+        """The decoder over ``tokens`` at columns ``[start, start + length)``; with ``group > 1``
+        (prefill only) the rows are every ``group``-th buffer row and the keys and values written go
+        to all ``group`` rows of each."""
         batch, length = tokens.shape
         end = start + length
         hidden = self.embed(tokens)
@@ -181,22 +193,24 @@ class FunctionalDecoder:
             q = attention.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
             k = attention.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = attention.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            self.keys[index][:, :, start:end] = _rotate(k, cos, sin)
-            self.values[index][:, :, start:end] = v
-            out = attend(_rotate(q, cos, sin), self.keys[index][:, :, :end], self.values[index][:, :, :end])
+            k = _rotate(k, cos, sin)
+            self.keys[index][:, :, start:end] = k.repeat_interleave(group, dim=0) if group > 1 else k
+            self.values[index][:, :, start:end] = v.repeat_interleave(group, dim=0) if group > 1 else v
+            out = attend(_rotate(q, cos, sin), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         return self.head(_rms_norm(self.norm, hidden[:, -1]))
 
 
 def functional_steps(
-    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, group: int = 1
 ) -> Iterator[torch.Tensor]:
-    """Yields next-token logits ``[B, V]``; after each yield, ``send`` the sampled ``[B]`` tokens."""
+    """Yields next-token logits ``[B, V]``; after each yield, ``send`` the sampled ``[B]`` tokens.
+    ``group``: see :meth:`FunctionalDecoder.prefill`."""
     prompt_len = prompt_ids.shape[1]
     decoder = FunctionalDecoder(model, prompt_mask, prompt_len + max_new_tokens)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    tokens = yield decoder.prefill(prompt_ids, positions)
+    tokens = yield decoder.prefill(prompt_ids, positions, group)
     position = positions[:, -1:]
     for step in range(max_new_tokens - 1):
         position = position + 1
@@ -242,6 +256,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     functional: bool | None = None,
+    group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of left-padded prompts until every row has emitted EOS (or the budget ends).
 
@@ -249,10 +264,17 @@ def sample(
     max_new_tokens``; after a row's EOS its tokens are ``pad_token_id``) and the log-prob of each
     sampled token under the sampled distribution, ``[B, R]`` float32 (meaningless after EOS: the
     caller masks it). ``functional=None`` picks :class:`FunctionalDecoder` where it applies.
+    ``group``: the rows are runs of ``group`` copies of one prompt (``B`` divisible by it); the
+    functional decoder then computes each prompt's prefill once (the other loop ignores it).
     """
     if functional is None:
         functional = supports_functional(model)
-    steps = (functional_steps if functional else hf_forward_steps)(model, prompt_ids, prompt_mask, max_new_tokens)
+    if group < 1 or prompt_ids.shape[0] % group:
+        raise ValueError(f"group={group} must be >= 1 and divide the {prompt_ids.shape[0]} rows")
+    if functional:
+        steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group)
+    else:
+        steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
     batch = prompt_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     tokens_out: list[torch.Tensor] = []

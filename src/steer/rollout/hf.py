@@ -43,7 +43,7 @@ class HFRolloutEngine:
         try:
             response_ids, sampling_logprobs = sample(
                 self.policy, prompt_ids, prompt_mask, params.max_new_tokens, self.eos_token_id, self.pad_token_id,
-                temperature=params.temperature, top_p=params.top_p,
+                temperature=params.temperature, top_p=params.top_p, group=params.n,  # each prompt's n rows are adjacent
             )
         finally:
             self.policy.train(was_training)
