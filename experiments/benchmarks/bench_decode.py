@@ -9,7 +9,9 @@ C ...) so that load from other processes hits all of them alike, each call from 
 - ``generate``: plain ``model.generate`` (no processors, records nothing: a lower bound for it);
 - ``hf_loop``: our decode loop (``steer.rollout.decode.sample``) through the model's own
   ``forward`` and ``DynamicCache``;
-- ``functional``: the same loop through ``FunctionalDecoder`` (the engine's default);
+- ``functional``: the same loop through ``FunctionalDecoder``, each prompt's prefill computed once
+  for its 8 samples (the engine's default);
+- ``functional_unshared``: the same without sharing the prefill (every row's prompt computed);
 - ``static_compiled``: transformers' ``StaticCache`` with the model's forward under
   ``torch.compile`` for the decode steps; its first call (compile + run) is reported separately
   (``first call s``) as the compile time.
@@ -22,8 +24,8 @@ and including EOS), the ratio to ``legacy``, and the load average before and aft
 
 Usage::
 
-    PYTHONPATH=src python experiments/benchmarks/bench_decode.py [--sizes 0.3M 2.4M] [--repeats 5] \\
-        [--threads 2] [--candidates legacy generate hf_loop functional static_compiled] [--gqa 2]
+    PYTHONPATH=src python experiments/benchmarks/bench_decode.py [--sizes 0.3M 0.5M 2.4M] [--repeats 5] \\
+        [--threads 2] [--candidates legacy generate hf_loop functional functional_unshared static_compiled] [--gqa 2]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 
 SIZES = {  # name: (hidden, layers, heads)
     "0.3M": (96, 2, 4),
+    "0.5M": (128, 2, 4),  # the embedded default's shape (random init here)
     "2.4M": (192, 4, 4),
 }
 
@@ -76,11 +79,11 @@ def plain_generate(policy, prompt_ids, prompt_mask, max_new_tokens, eos, pad):
     return output[:, prompt_ids.shape[1]:]
 
 
-def loop(functional: bool):
+def loop(functional: bool, group: int = 1):
     def run(policy, prompt_ids, prompt_mask, max_new_tokens, eos, pad):
         from steer.rollout.decode import sample
 
-        return sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos, pad, functional=functional)[0]
+        return sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos, pad, functional=functional, group=group)[0]
 
     return run
 
@@ -126,14 +129,15 @@ CANDIDATES = {
     "legacy": legacy_generate,
     "generate": plain_generate,
     "hf_loop": loop(functional=False),
-    "functional": loop(functional=True),
+    "functional": loop(functional=True, group=8),  # the rows are 8 prompts x 8 adjacent samples
+    "functional_unshared": loop(functional=True),
     "static_compiled": static_compiled,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["0.3M", "2.4M"], choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -179,12 +183,12 @@ def main() -> None:
                     tokens[name].append(int(response_mask_from_ids(response, eos)[0].sum()))
         base = statistics.median(seconds["legacy"]) if "legacy" in seconds else None
         print(f"\n{size}: hidden {hidden}, {layers} layers, {heads} heads, {parameters / 1e6:.2f}M parameters")
-        print(f"{'candidate':<16}{'s/call':>9}{'tokens/s':>10}{'vs legacy':>11}{'first call s':>14}")
+        print(f"{'candidate':<20}{'s/call':>9}{'tokens/s':>10}{'vs legacy':>11}{'first call s':>14}")
         for name in names:
             median = statistics.median(seconds[name])
             rate = statistics.median(t / s for t, s in zip(tokens[name], seconds[name]))
             ratio = f"{median / base:.2f}" if base else "-"
-            print(f"{name:<16}{median:>9.3f}{rate:>10.0f}{ratio:>11}{first[name]:>14.2f}")
+            print(f"{name:<20}{median:>9.3f}{rate:>10.0f}{ratio:>11}{first[name]:>14.2f}")
     print(f"\nload average after: {os.getloadavg()}")
 
 
