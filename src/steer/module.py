@@ -512,21 +512,20 @@ class RLVRModule(L.LightningModule):
         mini-batch's rows stay zeros (its update forward fills them in, see :attr:`reuses_update_logprobs`)."""
         num_rows, width = rollout.response_ids.shape
         size = self.algorithm.micro_batch_size or self.minibatch_sequences
+
+        def chunks(first: int):  # (rows, width of their longest response), size rows at a time
+            for start in range(first, num_rows, size):
+                rows = torch.arange(start, min(start + size, num_rows))
+                yield rows, int(rollout.response_lengths[rows].max().clamp(min=1))
+
         old_logprobs = torch.zeros(num_rows, width, dtype=torch.float32, device=rollout.response_ids.device)
         old_entropy = torch.zeros_like(old_logprobs)
         ref_logprobs = torch.zeros_like(old_logprobs) if self.reference is not None else None
-        first_scored = min(self.minibatch_sequences, num_rows) if skip_first_minibatch else 0
         with torch.no_grad():
-            for start in range(0, num_rows, size):
-                rows = torch.arange(start, min(start + size, num_rows))
-                row_width = int(rollout.response_lengths[rows].max().clamp(min=1))
-                policy_rows = rows[rows >= first_scored]
-                if len(policy_rows):
-                    policy_width = int(rollout.response_lengths[policy_rows].max().clamp(min=1))
-                    logprobs, entropy = self.logprobs_and_entropy(rollout, policy_rows, policy_width)
-                    old_logprobs[policy_rows, :policy_width] = logprobs
-                    old_entropy[policy_rows, :policy_width] = entropy
-                if ref_logprobs is not None:
+            for rows, row_width in chunks(min(self.minibatch_sequences, num_rows) if skip_first_minibatch else 0):
+                old_logprobs[rows, :row_width], old_entropy[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width)
+            if ref_logprobs is not None:
+                for rows, row_width in chunks(0):
                     ref_logprobs[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0]
         mask = rollout.response_mask
         return old_logprobs * mask, old_entropy * mask, None if ref_logprobs is None else ref_logprobs * mask

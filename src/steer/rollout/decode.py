@@ -160,8 +160,7 @@ class FunctionalDecoder:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale,
                                                   enable_gqa=self.num_heads != self.num_kv_heads)
 
-        logits = self._layers(tokens, positions, 0, attend, group)
-        return logits.repeat_interleave(group, dim=0) if group > 1 else logits
+        return self._layers(tokens, positions, 0, attend, group).repeat_interleave(group, dim=0)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
         """``[B]`` tokens at ``[B, 1]`` positions, written at ``column``; attends to ``[0, column]``."""
@@ -194,8 +193,9 @@ class FunctionalDecoder:
             k = attention.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = attention.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             k = _rotate(k, cos, sin)
-            self.keys[index][:, :, start:end] = k.repeat_interleave(group, dim=0) if group > 1 else k
-            self.values[index][:, :, start:end] = v.repeat_interleave(group, dim=0) if group > 1 else v
+            # Buffer rows as [tokens' rows, group]: one broadcast write fills each run (no repeated copy).
+            self.keys[index].unflatten(0, (batch, group))[:, :, :, start:end] = k[:, None]
+            self.values[index].unflatten(0, (batch, group))[:, :, :, start:end] = v[:, None]
             out = attend(_rotate(q, cos, sin), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
