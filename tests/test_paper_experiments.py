@@ -13,6 +13,8 @@ from tests.conftest import compose
 # run/run_exp.sh and the verl defaults it runs with (GitHub zz-haooo/STEER @ b31df71).
 PAPER = {
     "model.path": "Qwen/Qwen2.5-Math-7B",
+    "model.dtype": "float32",                # verl's FSDP actor: float32 parameters (what AdamW steps) ...
+    "model.compute_dtype": "bfloat16",       # ... gathered in bf16 for compute, gradients reduced in float32
     "algorithm.estimator": "grpo",
     "algorithm.steps": 200,                  # at most 200 rollout steps
     "algorithm.prompts_per_step": 512,       # batch 512 prompts ...
@@ -94,7 +96,10 @@ def test_paper_text_lambda_min_is_one_override(tmp_path):
 SIBLINGS = {
     "steer_math_rloo": ({"algorithm.estimator", "run_name", "logger.run_name"}, {"algorithm.estimator": "rloo"}),
     "steer_math_opo": ({"algorithm.estimator", "run_name", "logger.run_name"}, {"algorithm.estimator": "opo"}),
-    "steer_math_1p5b": ({"model.path", "run_name", "logger.run_name"}, {"model.path": "Qwen/Qwen2.5-Math-1.5B"}),
+    # one GPU instead of FSDP over 8, with vLLM rollouts and activation checkpointing (its layout fits there)
+    "steer_math_1p5b": ({"model.path", "model.gradient_checkpointing", "trainer.", "rollout.engine.", "run_name", "logger.run_name"},
+                        {"model.path": "Qwen/Qwen2.5-Math-1.5B", "trainer.devices": 1, "trainer.precision": "bf16-mixed",
+                         "model.gradient_checkpointing": True, "rollout.engine._target_": "steer.rollout.vllm.VLLMRolloutEngine"}),
     "steer_math_14b": ({"model.path", "run_name", "logger.run_name"}, {"model.path": "Qwen/Qwen2.5-14B"}),
     "steer_math_extreme": ({"intervention.", "run_name", "logger.run_name"}, {
         "intervention.name": "steer_extreme", "intervention.components.clip_higher.low": 0.99,

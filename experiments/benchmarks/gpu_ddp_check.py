@@ -94,7 +94,7 @@ def main() -> None:
         launch(args.out / "fsdp_many", args.devices, "fsdp_steer", "--trainer", "fsdp")
         ok &= compare_exact("fsdp_steer", torch.load(args.out / "fsdp_one" / "fsdp_steer.pt"),
                             torch.load(args.out / "fsdp_many" / "fsdp_steer.pt"))
-        bf16 = ["fsdp_steer", "--trainer", "fsdp", "--override", "trainer.strategy.mixed_precision=bf16"]
+        bf16 = ["fsdp_steer", "--trainer", "fsdp", "--override", "trainer.strategy.mixed_precision=bfloat16"]
         launch(args.out / "fsdp_bf16", args.devices, *bf16)
         one, many = torch.load(args.out / "fsdp_one" / "fsdp_steer.pt"), torch.load(args.out / "fsdp_bf16" / "fsdp_steer.pt")
         for step, (a, b) in enumerate(zip(one["steps"], many["steps"])):

@@ -23,6 +23,7 @@ from steer.checkpointing import read_resume_info, skip_logged_steps
 from steer.config import ConfigError, check_config, check_data, check_prompts_fit
 from steer.data.datamodule import PromptDataModule
 from steer.models.loader import load_policy, load_policy_tokenizer
+from steer.models.precision import lightning_precision
 from steer.module import RLVRModule
 from steer.rewards.base import score_safely
 from steer.rollout.base import SamplingParams
@@ -45,6 +46,8 @@ def _store_dir() -> str:
 
 if not OmegaConf.has_resolver("store_dir"):
     OmegaConf.register_new_resolver("store_dir", _store_dir)
+if not OmegaConf.has_resolver("lightning_precision"):  # trainer.precision from model.compute_dtype
+    OmegaConf.register_new_resolver("lightning_precision", lightning_precision)
 
 
 def choose_threads(setting, cores: int | None = None, busy: float | None = None) -> int | None:

@@ -29,6 +29,7 @@ from steer.algo.advantages import ESTIMATORS
 from steer.algo.aggregation import AGGREGATION_MODES
 from steer.algo.kl import KL_ESTIMATORS
 from steer.algo.rollout_correction import ROLLOUT_CORRECTIONS
+from steer.models.precision import check_precision
 from steer.paths import unwritable_folder
 
 
@@ -536,7 +537,7 @@ def check_rewards(cfg: DictConfig) -> None:
 
 
 STARTUP_CHECKS: list[Callable[[DictConfig], None]] = [
-    check_run, check_rollout_engine, check_model, check_data, check_eval, check_rewards, check_checkpoint,
+    check_run, check_rollout_engine, check_model, check_precision, check_data, check_eval, check_rewards, check_checkpoint,
     check_resume, check_output, check_logger,
 ]
 """Section checks :func:`check_config` runs, in order (cheap ones first; the tracking probe last)."""
@@ -646,8 +647,11 @@ def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: An
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
     if "fsdp" in target.lower() or "fullysharded" in target.lower():
         precision = strategy.get("mixed_precision", None) if OmegaConf.is_dict(strategy) else None
-        if precision not in (None, "bf16", "fp16"):
-            raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of null, bf16, fp16")
+        from steer.models.sharding import MIXED_PRECISION
+
+        if precision not in MIXED_PRECISION:
+            raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of "
+                              f"{', '.join('null' if key is None else key for key in MIXED_PRECISION)}")
         if not (cfg.get("model") or {}).get("path"):
             raise ConfigError(
                 "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "

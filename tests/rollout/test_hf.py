@@ -166,6 +166,43 @@ def test_engine_logprobs_equal_the_policy_logprobs_at_the_same_temperature(engin
     assert torch.all(batch.sampling_logprobs[~mask] == 0)
 
 
+@pytest.mark.parametrize("max_batch_sequences", [4, 1])
+def test_max_batch_sequences_decodes_whole_groups_in_chunks_and_joins_them_exactly(engine, max_batch_sequences, monkeypatch):
+    """Chunks of whole groups (at least one prompt's n rows), each decoded as a batch of its own,
+    joined with prompts re-padded on the left and responses on the right: the same rows as decoding
+    the chunks one by one, and log-probs that still equal a teacher-forced forward of the joined batch."""
+    import steer.rollout.hf as hf
+
+    tokenizer, policy, _ = engine
+    prompts = [tokenizer(text).input_ids for text in ("Q: Compute 12+30+7.\nA: ", "Q: hi\nA: ", "A: ", "Q: 3+4\nA: ", "Q:\n")]
+    params = SamplingParams(max_new_tokens=10, n=2)
+    rows_per_call, real_sample = [], hf.sample
+    monkeypatch.setattr(hf, "sample", lambda policy, ids, *args, **kwargs: rows_per_call.append(ids.shape[0]) or real_sample(policy, ids, *args, **kwargs))
+    torch.manual_seed(3)
+    chunked = HFRolloutEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, max_batch_sequences).generate(prompts, params)
+    assert rows_per_call == ([4, 4, 2] if max_batch_sequences == 4 else [2] * 5)
+    torch.manual_seed(3)
+    whole = HFRolloutEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    step = 2 if max_batch_sequences == 4 else 1
+    parts = [whole.generate(prompts[start:start + step], params) for start in range(0, len(prompts), step)]
+    rows = [(part, row) for part in parts for row in range(part.response_ids.shape[0])]
+    assert chunked.response_ids.shape[0] == len(rows) == 10
+    for index, (part, row) in enumerate(rows):
+        length = int(part.response_mask[row].sum())
+        assert torch.equal(chunked.response_ids[index, :length], part.response_ids[row, :length])
+        assert not chunked.response_mask[index, length:].any()
+        assert torch.equal(chunked.sampling_logprobs[index, :length], part.sampling_logprobs[row, :length])
+        assert chunked.prompt_ids[index][chunked.prompt_mask[index]].tolist() == prompts[index // 2]
+    logprobs, _ = response_logprobs_and_entropy(policy, chunked.input_ids, chunked.attention_mask, chunked.response_ids.shape[1])
+    torch.testing.assert_close(logprobs[chunked.response_mask], chunked.sampling_logprobs[chunked.response_mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_max_batch_sequences_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="rollout.engine.max_batch_sequences must be an integer >= 1 or null"):
+        HFRolloutEngine(None, 0, 1, bad)
+
+
 def test_padding_after_eos_and_truncation_flags(engine):
     tokenizer, policy, rollout_engine = engine
     batch = rollout_engine.generate([tokenizer("Q: x\nA: ").input_ids] * 16, SamplingParams(max_new_tokens=6, n=1))

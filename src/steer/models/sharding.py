@@ -17,7 +17,9 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+"""``trainer.strategy.mixed_precision`` (by default ``model.compute_dtype``) -> the compute dtype FSDP
+gathers the float32 shards in; None keeps the parameters' dtype; ``auto`` is decided on the device."""
 
 
 class FullyShardedStrategy(ModelParallelStrategy):
@@ -27,8 +29,9 @@ class FullyShardedStrategy(ModelParallelStrategy):
     Args:
         layer_class: import path of the model's decoder layer; each one becomes an FSDP unit (Qwen2
             by default; Llama/SmolLM2: ``transformers.models.llama.modeling_llama.LlamaDecoderLayer``).
-        mixed_precision: ``bf16`` / ``fp16``: compute in that dtype, keep float32 parameters and
-            reduce gradients in float32; null: everything in the parameters' dtype.
+        mixed_precision: ``bfloat16`` / ``float16``: compute in that dtype, keep the parameters
+            (float32 masters, ``model.dtype``) and reduce gradients in float32; ``float32`` or null:
+            everything in the parameters' dtype; ``auto``: bfloat16 on a GPU that supports it.
         activation_checkpointing: recompute each decoder layer's activations in the backward pass.
         cpu_offload: keep the sharded parameters, gradients and optimiser state in CPU memory.
         save_distributed_checkpoint: one file per rank (large models) instead of one gathered file.
@@ -37,7 +40,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
     def __init__(
         self,
         layer_class: str = "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
-        mixed_precision: str | None = "bf16",
+        mixed_precision: str | None = "bfloat16",
         activation_checkpointing: bool = True,
         cpu_offload: bool = False,
         save_distributed_checkpoint: bool = False,
@@ -71,6 +74,10 @@ class FullyShardedStrategy(ModelParallelStrategy):
 
             enable_activation_checkpointing(policy, knob="trainer.strategy.activation_checkpointing")
         dtype = MIXED_PRECISION[self.mixed_precision]
+        if dtype == "auto":
+            from steer.models.precision import resolve_compute_dtype
+
+            dtype = MIXED_PRECISION[resolve_compute_dtype("auto", self.root_device.type)]
         options = {
             "mesh": self.device_mesh["data_parallel"],
             "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy(),

@@ -1,0 +1,108 @@
+"""Precision: the dtype the optimiser steps (``model.dtype``), the dtype the arithmetic runs in
+(``model.compute_dtype``), and the start-up check that no configuration trains parameters that
+cannot hold their own updates.
+
+Why two knobs. AdamW moves every weight by about ``lr`` per step (its update is ``lr * m / sqrt(v)``,
+of order ``lr`` whatever the gradient's scale). A bfloat16 number keeps 8 significant bits: the
+spacing between neighbours of ``w`` is about ``|w| * 2^-7``, so a step below about ``|w| * 2^-8``
+(1/256 of the weight) rounds back to ``w``. At the STEER paper's lr 1e-6, a weight of typical size
+0.02 needs a step of 6.1e-5 to move, and the RMSNorm gains, which start at 1.0, need 3.9e-3:
+measured, 10 AdamW steps on bfloat16 weights of size ~0.02 moved 2% of them. So training keeps float32 *master* weights
+(``model.dtype: float32``) and runs the forward and backward in bfloat16 (``model.compute_dtype``):
+
+- one process or DDP: Lightning's ``bf16-mixed`` precision (torch autocast);
+- FSDP (``trainer=fsdp``): FSDP2's ``MixedPrecisionPolicy`` gathers bfloat16 copies of the float32
+  shards for compute and reduces gradients in float32 (:mod:`steer.models.sharding`).
+
+Low-precision weights stay possible where nothing is stepped: ``mode=eval`` and the rollout engine
+(``rollout.engine.dtype`` of vLLM).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""``model.compute_dtype`` values; ``auto`` is bfloat16 on a GPU that supports it, else float32."""
+
+SIGNIFICANT_BITS = {"float32": 24, "bfloat16": 8, "float16": 11, "float64": 53}
+"""Significand precision of each dtype (the implicit leading bit included)."""
+
+LARGEST_TYPICAL_WEIGHT = 1.0
+"""The largest weights a fine-tuned decoder holds in bulk: RMSNorm/LayerNorm gains start at 1.0."""
+
+LIGHTNING_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+"""``model.compute_dtype`` -> Lightning's ``trainer.precision`` (float32 parameters in every case)."""
+
+TRUE_PRECISION_DTYPES = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64",
+                         "transformer-engine": "bfloat16"}
+"""Lightning precisions that convert the parameters themselves to a dtype (the optimiser then steps it)."""
+
+
+def resolve_compute_dtype(setting: str, accelerator: str | None = "auto") -> str:
+    """``model.compute_dtype`` as a dtype name: ``auto`` is bfloat16 when the run will use a CUDA GPU
+    that supports it (``trainer.accelerator`` gpu/cuda/auto), float32 otherwise (CPUs without native
+    bfloat16 arithmetic run it slower than float32)."""
+    if setting != "auto":
+        return setting
+    if str(accelerator) not in ("auto", "gpu", "cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def lightning_precision(compute_dtype: str, accelerator: str | None = "auto") -> str:
+    """What ``trainer.precision`` resolves to in ``conf/trainer/default.yaml`` (the ``lightning_precision``
+    resolver): ``32-true``, ``bf16-mixed`` or ``16-mixed``. An unknown name passes through, so that
+    :func:`check_precision` reports it with the knob's name."""
+    return LIGHTNING_PRECISION.get(resolve_compute_dtype(compute_dtype, accelerator), str(compute_dtype))
+
+
+def smallest_kept_step(dtype: str, weight: float = LARGEST_TYPICAL_WEIGHT) -> float:
+    """The smallest update of ``weight`` that a ``dtype`` parameter does not round away: half the
+    spacing of its neighbours, ``2^(exponent of w) * 2^-(significant bits)``, between 1/512 and 1/256
+    of ``|w|`` for bfloat16."""
+    return 2.0 ** (math.floor(math.log2(abs(weight))) - SIGNIFICANT_BITS[dtype])
+
+
+def stepped_dtype(model_dtype: str, trainer_precision: str) -> str:
+    """The dtype of the parameters the optimiser steps: ``model.dtype``, unless Lightning's
+    ``trainer.precision`` converts the module itself (``bf16-true``, ``16-true``, ...)."""
+    return TRUE_PRECISION_DTYPES.get(str(trainer_precision), model_dtype)
+
+
+def check_precision(cfg) -> None:
+    """Start-up check (training only): refuse parameters whose dtype cannot represent updates of
+    ``algorithm.lr``, i.e. an AdamW step below :func:`smallest_kept_step` of the largest weights
+    (the norm gains at 1.0). For bfloat16 that is any lr below 3.9e-3 and for float16 below 4.9e-4:
+    every fine-tuning learning rate. Also validates ``model.compute_dtype``."""
+    from steer.config import ConfigError, _get, _one_of
+
+    compute = _get(cfg, "model.compute_dtype", "float32")
+    _one_of("model.compute_dtype", compute, COMPUTE_DTYPES)
+    if _get(cfg, "mode", "train") != "train":
+        return
+    model_dtype = _get(cfg, "model.dtype", "float32")
+    precision = _get(cfg, "trainer.precision", "32-true")
+    dtype = stepped_dtype(model_dtype, precision)
+    lr = _get(cfg, "algorithm.lr")
+    if dtype not in SIGNIFICANT_BITS or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        return  # an unknown dtype or a bad lr: check_model / check_algorithm name it
+    needed = smallest_kept_step(dtype)
+    if lr >= needed:
+        return
+    cause = (f"model.dtype={model_dtype}" if dtype == model_dtype
+             else f"trainer.precision={precision} (it converts the parameters to {dtype})")
+    typical = smallest_kept_step(dtype, 0.02)
+    raise ConfigError(
+        f"{cause}: the optimiser would step {dtype} parameters, which cannot hold updates of algorithm.lr={lr:g} "
+        f"({dtype} keeps {SIGNIFICANT_BITS[dtype]} significant bits, so an update below about 2^-{SIGNIFICANT_BITS[dtype]} "
+        f"of a weight rounds away: {typical:.1e} for a weight of 0.02, {needed:.1e} for the norm gains at 1.0); "
+        f"fix: model.dtype=float32 model.compute_dtype={dtype} "
+        "(float32 master weights, low-precision compute)"
+        + (" and drop the trainer.precision override" if dtype != model_dtype else "")
+    )
