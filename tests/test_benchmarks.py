@@ -126,7 +126,7 @@ def test_gpu_mfu_counts_flops_from_the_measured_step(tmp_path):
 
     assert gpu_mfu.forward_flops_per_token(1000, 2, 8, 10.0) == 2000 + 4 * 2 * 8 * 10
     assert gpu_mfu.default_peak("NVIDIA H200") == 989.0 and gpu_mfu.default_peak("cpu") is None
-    small = ["model.dtype=float32", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+    small = ["model.compute_dtype=float32", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
              "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=64", "algorithm.prompts_per_step=4",
              "algorithm.minibatch_prompts=2", "algorithm.n=2", "rollout.max_new_tokens=8", "threads=1"]
     out = tmp_path / "mfu.json"
@@ -138,3 +138,22 @@ def test_gpu_mfu_counts_flops_from_the_measured_step(tmp_path):
     forward = (2 * n + 4 * 1 * 32 * tokens / rows) * tokens
     assert result["update_mfu"] == pytest.approx(3 * forward / result["phase_median_s"]["update"] / 1e9)
     assert 0 < result["step_mfu"] < result["update_mfu"] * 2
+
+
+def test_gpu_precision_runs_its_three_trainings_at_toy_size_on_cpu(tmp_path, monkeypatch):
+    """gpu_precision.py --cpu-smoke: the configured steer_math layout moves its float32 weights as far
+    as the float32 reference; bfloat16 parameters (check switched off) keep a few percent of it."""
+    import gpu_precision
+
+    from tests.conftest import SHARED_DATA
+
+    monkeypatch.setenv("STEER_DATA_DIR", str(SHARED_DATA))
+    out = tmp_path / "precision.json"
+    results = gpu_precision.main(["--cpu-smoke", "--steps", "1", "--json", str(out)])
+    assert json.loads(out.read_text()).keys() == results.keys() == {"configured", "float32", "bfloat16 parameters"}
+    configured, reference, bf16 = results["configured"], results["float32"], results["bfloat16 parameters"]
+    assert configured["parameter_dtypes"] == ["float32"] and bf16["parameter_dtypes"] == ["bfloat16"]
+    assert configured["moved"] > 0.99 and abs(configured["mean_abs_drift"] / reference["mean_abs_drift"] - 1) < 0.1
+    assert bf16["moved"] < 0.1 and bf16["mean_abs_drift"] < 0.1 * reference["mean_abs_drift"]
+    assert configured["generated_tokens_per_s"] > 0 and configured["trained_tokens_per_s"] > 0
+    assert configured["estimated_peak_gib"] > 0 and "peak (estimate)" in configured["estimate"]

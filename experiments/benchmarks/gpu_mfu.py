@@ -9,7 +9,8 @@ heads, MLP 4864; random init, no warm-up) with the character tokenizer, so its p
 decoder's (~0.36B; the 151,936-token embedding of the real model is left out, which makes the head
 cheap and the MFU a statement about the decoder). The RL step is the project's own
 (:mod:`bench_step`): rollout with the HF engine, reward, old log-probs, update, on the embedded task
-with 64 prompts x 8 samples and 256 new tokens (a random policy rarely stops early) in bfloat16.
+with 64 prompts x 8 samples and 256 new tokens (a random policy rarely stops early), float32 master
+weights and bfloat16 compute (``bf16-mixed``; bfloat16 parameters would not hold the updates).
 
 FLOPs are counted per response token, with N the non-embedding parameters, L the layers, d the
 hidden size and S the mean sequence length seen by attention (response tokens only, so a lower
@@ -34,7 +35,7 @@ import bench_step  # noqa: E402
 
 SHAPE = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864}
 WORKLOAD = [
-    "model.warmup=null", "model.dtype=bfloat16", "model.tiny.max_positions=512",
+    "model.warmup=null", "model.dtype=float32", "model.compute_dtype=bfloat16", "model.tiny.max_positions=512",
     *(f"{'+' if key == 'intermediate_size' else ''}model.tiny.{key}={value}" for key, value in SHAPE.items()),
     "algorithm.prompts_per_step=64", "algorithm.minibatch_prompts=32", "algorithm.n=8",
     "rollout.max_new_tokens=256",

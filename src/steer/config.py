@@ -29,6 +29,7 @@ from steer.algo.advantages import ESTIMATORS
 from steer.algo.aggregation import AGGREGATION_MODES
 from steer.algo.kl import KL_ESTIMATORS
 from steer.algo.rollout_correction import ROLLOUT_CORRECTIONS
+from steer.models.memory import check_memory
 from steer.models.precision import check_precision
 from steer.paths import unwritable_folder
 
@@ -537,7 +538,7 @@ def check_rewards(cfg: DictConfig) -> None:
 
 
 STARTUP_CHECKS: list[Callable[[DictConfig], None]] = [
-    check_run, check_rollout_engine, check_model, check_precision, check_data, check_eval, check_rewards, check_checkpoint,
+    check_run, check_rollout_engine, check_model, check_precision, check_memory, check_data, check_eval, check_rewards, check_checkpoint,
     check_resume, check_output, check_logger,
 ]
 """Section checks :func:`check_config` runs, in order (cheap ones first; the tracking probe last)."""

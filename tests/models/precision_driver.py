@@ -137,19 +137,28 @@ class WeightDrift(L.Callback):
             self.out_file.write_text(json.dumps(result))
 
 
-def train(overrides: list[str], output_dir: Path) -> dict:
+def compose_for(overrides: list[str], output_dir: Path):
+    """The config ``python src/run.py`` would compose from ``overrides`` (Hydra's compose API)."""
     from hydra import compose, initialize_config_dir
 
+    import steer.app  # noqa: F401  registers the resolvers
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}", f"store_dir={output_dir}"])
+
+
+def train(overrides: list[str], output_dir: Path) -> dict:
+    """Train ``overrides`` with :func:`steer.app.train`; the weights' drift and the last step's metrics."""
     from steer.app import train as train_config
 
     output_dir.mkdir(parents=True, exist_ok=True)
     drift_file = output_dir / "weight_drift.json"
-    recorder = ["+callbacks.weight_drift._target_=tests.models.precision_driver.WeightDrift", f"+callbacks.weight_drift.out_file={drift_file}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, *recorder, f"output_dir={output_dir}", f"store_dir={output_dir}"])
-    train_config(cfg)
-    return {**json.loads(drift_file.read_text()), "trainer_precision": str(cfg.trainer.precision), "model_dtype": cfg.model.dtype,
-            "compute_dtype": cfg.model.compute_dtype, "lr": cfg.algorithm.lr,
+    recorder = ["+callbacks.weight_drift._target_=tests.models.precision_driver.WeightDrift",
+                f"+callbacks.weight_drift.out_file={drift_file}"]
+    cfg = compose_for([*overrides, *recorder], output_dir)
+    metrics = train_config(cfg)
+    return {**json.loads(drift_file.read_text()), "last_step": metrics, "trainer_precision": str(cfg.trainer.precision),
+            "model_dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype, "lr": cfg.algorithm.lr,
             "strategy": str((cfg.trainer.get("strategy") or {}).get("_target_", "single device"))}
 
 
