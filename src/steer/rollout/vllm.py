@@ -117,6 +117,8 @@ class VLLMRolloutEngine:
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
         self.on_cpu = False
+        self.engine_dtype: str | None = None
+        """The dtype the engine runs in (``dtype``, with ``auto`` resolved at start)."""
         self.asleep = False
         self.can_sleep = False
         self.weight_names: set[str] = set()
@@ -241,8 +243,9 @@ class VLLMRolloutEngine:
         gap = float((engine - reference).abs().mean())
         self.last_sync_check = gap
         tolerance = self.sync_check_tolerance
-        if tolerance is None:
-            tolerance = 1e-4 if next(policy.parameters()).dtype == torch.float32 else 0.05
+        if tolerance is None:  # float32 only when both sides compute in it (float32 masters feed a bf16 engine)
+            both_float32 = self.engine_dtype == "float32" and next(policy.parameters()).dtype == torch.float32
+            tolerance = 1e-4 if both_float32 else 0.05
         if not gap <= tolerance:
             raise WeightSyncError(
                 f"after the weight sync the engine's log-probs differ from the policy's by {gap:.3g} on average "
@@ -267,7 +270,11 @@ class VLLMRolloutEngine:
         policy.save_pretrained(folder, safe_serialization=True)
         state = policy.state_dict()
         self.weight_names = set(state)
-        dtype = self.dtype if self.dtype != "auto" else str(next(policy.parameters()).dtype).removeprefix("torch.")
+        dtype = self.dtype
+        if dtype == "auto":  # bfloat16 on a GPU that has it (as model.compute_dtype=auto), else the policy's dtype
+            gpu_bf16 = not self.on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            dtype = "bfloat16" if gpu_bf16 else str(next(policy.parameters()).dtype).removeprefix("torch.")
+        self.engine_dtype = dtype
         kwargs: dict[str, Any] = dict(
             skip_tokenizer_init=True,
             dtype=dtype,
