@@ -76,6 +76,17 @@ def test_low_precision_weights_stay_possible_where_nothing_is_stepped_or_the_ste
         check_config(compose([*BASE, "model.compute_dtype=fp8"]))
 
 
+def test_bfloat16_compute_is_refused_on_a_gpu_without_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    from steer.models.precision import check_precision
+
+    with pytest.raises(ConfigError, match=r"^model.compute_dtype=bfloat16 is not supported by this GPU"):
+        check_precision(compose([*BASE, "model.compute_dtype=bfloat16"]))
+    assert resolve_compute_dtype("auto", "gpu") == "float32"
+    check_precision(compose([*BASE, "model.compute_dtype=auto"]))
+
+
 def test_the_trainer_precision_and_fsdp_cast_follow_model_compute_dtype():
     assert compose([]).trainer.precision == "32-true"  # the embedded default: float32 on a CPU
     assert compose(["model=hf", "model.compute_dtype=bfloat16"]).trainer.precision == "bf16-mixed"

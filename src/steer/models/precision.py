@@ -84,6 +84,12 @@ def check_precision(cfg) -> None:
 
     compute = _get(cfg, "model.compute_dtype", "float32")
     _one_of("model.compute_dtype", compute, COMPUTE_DTYPES)
+    if compute == "bfloat16" and str(_get(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda"):
+        import torch
+
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ConfigError("model.compute_dtype=bfloat16 is not supported by this GPU; allowed here: float16, "
+                              "float32, auto (float32 on this GPU)")
     if _get(cfg, "mode", "train") != "train":
         return
     model_dtype = _get(cfg, "model.dtype", "float32")
