@@ -100,7 +100,9 @@ SIBLINGS = {
     "steer_math_1p5b": ({"model.path", "model.gradient_checkpointing", "trainer.", "rollout.engine.", "run_name", "logger.run_name"},
                         {"model.path": "Qwen/Qwen2.5-Math-1.5B", "trainer.devices": 1, "trainer.precision": "bf16-mixed",
                          "model.gradient_checkpointing": True, "rollout.engine._target_": "steer.rollout.vllm.VLLMRolloutEngine"}),
-    "steer_math_14b": ({"model.path", "run_name", "logger.run_name"}, {"model.path": "Qwen/Qwen2.5-14B"}),
+    # the 14B's key/value cache: half as many sequences generated at once, to fit 80 GB (README: GPUs, memory)
+    "steer_math_14b": ({"model.path", "rollout.engine.max_batch_sequences", "run_name", "logger.run_name"},
+                       {"model.path": "Qwen/Qwen2.5-14B", "rollout.engine.max_batch_sequences": 32}),
     "steer_math_extreme": ({"intervention.", "run_name", "logger.run_name"}, {
         "intervention.name": "steer_extreme", "intervention.components.clip_higher.low": 0.99,
         "intervention.components.clip_higher.high": 5.0, "intervention.components.steer.lambda_min": 0.8}),
