@@ -287,7 +287,7 @@ def test_a_refused_job_removes_its_run_folder_only_if_it_holds_nothing_but_hydra
     (["rollout.n=1"], r"^'rollout\.n' is not a knob of this config; did you mean algorithm\.n\?"),
     (["rollout.temprature=0.5"], r"did you mean rollout\.temperature\?"),
     (["algorithm.learning_rate=0.1"], r"allowed in algorithm: steps, .*\blr\b"),
-    (["intervention=stear"], r"^intervention=stear is not a preset of intervention; allowed: clip_cov, .*steer,"),
+    (["intervention=stear"], r"^intervention=stear is not a preset of intervention; allowed: ce_gppo, clip_cov, .*steer,"),
     (["hydra.run.dir=/proc/version/run"], r"hydra\.run\.dir='/proc/version/run': cannot create a folder there, /proc/version is a file"),
 ])
 def test_command_line_problems_are_found_before_hydra_creates_anything(argv, message):
@@ -325,7 +325,7 @@ def _one_line_error(result) -> str:
 
 @pytest.mark.parametrize("argv, expected", [
     (["rollout.n=1"], "did you mean algorithm.n?"),
-    (["intervention=stear"], "allowed: clip_cov"),
+    (["intervention=stear"], "allowed: ce_gppo, clip_cov"),
     (["hydra.run.dir=/proc/version/run"], "/proc/version is a file, not a folder"),
 ])
 def test_cli_command_line_problems_are_one_line_before_hydra_runs(argv, expected, tmp_path):

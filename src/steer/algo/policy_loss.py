@@ -71,6 +71,7 @@ def ppo_token_loss(
         clipped_low=clipped_any & (advantages < 0),
         clipped_high=clipped_any & (advantages > 0),
         clipped_dual=dual,
+        clip=clip,
     )
 
 

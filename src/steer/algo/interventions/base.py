@@ -66,6 +66,8 @@ class PPOTerms:
     clipped_low: torch.Tensor
     clipped_high: torch.Tensor
     clipped_dual: torch.Tensor
+    clip: "ClipConfig | None" = None
+    """The effective clip bounds these terms were computed with (after every ``adjust_clip``)."""
 
     @property
     def clipped(self) -> torch.Tensor:
