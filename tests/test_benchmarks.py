@@ -157,3 +157,26 @@ def test_gpu_precision_runs_its_three_trainings_at_toy_size_on_cpu(tmp_path, mon
     assert bf16["moved"] < 0.1 and bf16["mean_abs_drift"] < 0.1 * reference["mean_abs_drift"]
     assert configured["generated_tokens_per_s"] > 0 and configured["trained_tokens_per_s"] > 0
     assert configured["estimated_peak_gib"] > 0 and "peak (estimate)" in configured["estimate"]
+
+
+def test_count_metric_keys_counts_a_runs_keys_by_namespace(tmp_path):
+    """count_metric_keys.py on a store: every metric key of the runs once, the comparison run left out;
+    and, trained at the smallest size, the keys a run logs."""
+    from mlflow.entities import Metric
+
+    from experiments.benchmarks.count_metric_keys import count_line, metric_keys, train_and_count
+    from steer.tracking import RunFolderMLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    for name, keys in [("a", ["reward/accuracy", "actor/entropy"]), ("b", ["reward/accuracy", "time/step_s"])]:
+        logger = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri, run_name=name)
+        logger.experiment.log_batch(logger.run_id, metrics=[Metric(k, 1.0, 0, 0) for k in keys])
+    comparison = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri, run_name="comparison")
+    comparison.experiment.set_tag(comparison.run_id, "steer.kind", "comparison")
+    comparison.experiment.log_metric(comparison.run_id, "table/rows", 3.0)
+    keys = metric_keys(tmp_path / "store" / "mlflow.db")
+    assert keys == ["actor/entropy", "reward/accuracy", "time/step_s"]
+    assert count_line(keys) == "3 metric keys: actor 1, reward 1, time 1"
+    trained = train_and_count([*SMALLEST, "eval.every_n_steps=1", "eval.benchmarks.arithmetic.samples_per_prompt=1",
+                               "data.task.num_heldout=4", "callbacks.entropy_probe.figures=[]"], steps=1)
+    assert {"reward/accuracy", "actor/entropy", "eval/arithmetic/mean_at_1"} <= set(trained) and len(trained) > 50

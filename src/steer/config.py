@@ -121,7 +121,10 @@ LOCAL_PATH_PREFIXES = (".", "/", "~")
 
 def _check_section(cfg: DictConfig, key: str, schema: type) -> Any:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg[key]))
+        # resolved in place first: merged alone, an interpolation into another section (rollout's
+        # ${oc.select:data.max_prompt_length,64}) would no longer find it
+        section = OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section))
     except OmegaConfBaseException as error:
         from steer.cli import config_knobs, suggest_knobs
 

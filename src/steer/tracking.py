@@ -41,6 +41,16 @@ from lightning.pytorch.utilities import rank_zero_only
 log = logging.getLogger(__name__)
 
 ARTIFACT_ROOT_TAG = "steer.artifact_root"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's record of what an experiment is for."""
+TRAINING_KIND = "custom_model_development"
+"""The kind the UI calls "Machine learning" (model training: runs, parameters, metric charts), as
+opposed to ``genai_development`` (traces, evaluation runs). MLflow 3.17's UI does not pick its view
+from the tag, though: it opens the GenAI view unless the URL says ``workflowType=machine_learning``
+or the browser remembers the "Model training" switch (checked in a headless browser:
+experiments/check_mlflow_ui.py), so :func:`ui_url` gives that URL."""
+UI_ADDRESS = "http://127.0.0.1:5000"
+"""Where :func:`ui_command`'s server listens."""
 ARTIFACT_FOLDER = "artifacts"
 STORE_FILE = "mlflow.db"
 
@@ -55,6 +65,17 @@ def store_path(tracking_uri: str) -> Path | None:
 def ui_command(tracking_uri: str) -> str:
     """The one-line ``mlflow ui`` command that opens ``tracking_uri`` (a sqlite store) locally."""
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000 --workers 1"
+
+
+def ui_url(tracking_uri: str, experiment_name: str = "steer-lab", address: str = UI_ADDRESS) -> str:
+    """The UI address of the experiment's runs in the model-training view (MLflow 3 opens its GenAI
+    view otherwise); the experiments list when the store has no such experiment."""
+    import mlflow
+
+    experiment = mlflow.MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return f"{address}/#/experiments?workflowType=machine_learning"
+    return f"{address}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
 
 
 def _local_path(uri: str) -> str:
@@ -148,12 +169,17 @@ class RunFolderMLFlowLogger(MLFlowLogger):
 
     @property
     def experiment(self):  # noqa: D102  (see MLFlowLogger.experiment)
-        if not self._initialized and rank_zero_only.rank == 0 and self._relocatable:
+        first = not self._initialized and rank_zero_only.rank == 0
+        if first and self._relocatable:
             self._prepare_store()
-        return super().experiment
+        client = super().experiment
+        if first and not self._relocatable and self._experiment_id is not None:  # a server: MLflow created it
+            mark_training(client, client.get_experiment(self._experiment_id))
+        return client
 
     def _prepare_store(self) -> None:
-        """Re-point a moved store, and create our experiment with its artifact root tag."""
+        """Re-point a moved store; create our experiment with its artifact root tag and the training
+        kind (or give an existing one the kind)."""
         repoint_artifacts(self._store_db)
         if self._run_id is not None:  # resuming: the run's experiment already exists
             return
@@ -161,7 +187,15 @@ class RunFolderMLFlowLogger(MLFlowLogger):
         if found is None:
             self._experiment_id = self._mlflow_client.create_experiment(
                 self._experiment_name, artifact_location=self._artifact_location,
-                tags={ARTIFACT_ROOT_TAG: ARTIFACT_FOLDER})
+                tags={ARTIFACT_ROOT_TAG: ARTIFACT_FOLDER, EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        else:  # a store written before the tag (or by someone else)
+            mark_training(self._mlflow_client, found)
+
+
+def mark_training(client: Any, experiment: Any) -> None:
+    """Tag ``experiment`` as model training (:data:`TRAINING_KIND`) unless it has a kind already."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
 
 class RunKilled(BaseException):
@@ -233,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     uri = open_store(args.folder)
     command = ui_command(uri)
+    print(f"runs in the model-training view, once the UI is up: {ui_url(uri)}", flush=True)
     print(command, flush=True)
     if args.ui:
         os.execvp("mlflow", shlex.split(command))

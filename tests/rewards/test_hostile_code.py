@@ -164,5 +164,9 @@ def test_the_child_sees_a_minimal_environment_and_no_trainer_files(trainer_side)
     )
     assert seen["proc"] == ["1", "2"]  # the supervisor and the code itself: no trainer process
     assert not seen["repo"] and not seen["data"] and not seen["home"]
-    assert len(seen["tmp"]) == 1 and seen["tmp"][0].startswith("steer-sandbox-")  # only its own folder
+    # only its own folder, plus the Python installation where it lives under /tmp (a venv made in a
+    # quick clone there): bound back read-only so the code can run, nothing else of /tmp
+    own = [name for name in seen["tmp"] if name.startswith("steer-sandbox-")]
+    python_in_tmp = {Path(p).relative_to("/tmp").parts[0] for p in sandbox._visible_paths() if p.startswith("/tmp/")}
+    assert len(own) == 1 and set(seen["tmp"]) - set(own) == python_in_tmp, (seen["tmp"], python_in_tmp)
     assert seen["etc_passwd"] and seen["python"]  # the system and the interpreter stay readable

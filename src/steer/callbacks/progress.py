@@ -6,6 +6,13 @@ eval acc: 0.61 @100 • s/step: 0.58``: the last step's mean reward and token en
 first benchmark, and the step it was measured at) and the wall time per RL step (a moving average
 that leaves evaluation time out). Lightning's epoch counter means nothing here (``max_epochs=-1``:
 training length is ``algorithm.steps``), so the bar does not show it.
+
+When output is not a terminal (a log file, CI, a pipe) there is no live bar (its one final frame
+would wrap at 80 columns): one plain line at every tenth of the run and one at the end, e.g.
+``RL step 120/250  reward 0.520  entropy 0.143  eval acc 0.610 @100  s/step 0.58``.
+
+The bar runs its hooks after every other callback but the summary, which runs last: its last frame
+(or line) shows the final evaluation, and the summary ends the output.
 """
 
 from __future__ import annotations
@@ -25,10 +32,31 @@ _SMOOTHING = 0.2
 
 
 class RLProgressBar(RichProgressBar):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, plain_lines: int = 10, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._step_started: float | None = None
         self.seconds_per_step: float | None = None
+        self.plain_lines = plain_lines
+        """Plain progress lines over a run when output is not a terminal (plus the last one)."""
+        self._plain: bool | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        from steer.callbacks.summary import SummaryCallback
+
+        # Last but the summary, which ends the output (a new list: Lightning is iterating the
+        # current one to call this very hook).
+        summaries = [c for c in trainer.callbacks if isinstance(c, SummaryCallback)]
+        others = [c for c in trainer.callbacks if c is not self and not isinstance(c, SummaryCallback)]
+        trainer.callbacks = [*others, self, *summaries]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from rich import get_console
+
+        self._plain = trainer.is_global_zero and not get_console().is_terminal
+        if self._plain:
+            self.disable()
+        super().on_train_start(trainer, pl_module)
 
     @property
     def total_train_batches(self) -> int | float:
@@ -59,12 +87,31 @@ class RLProgressBar(RichProgressBar):
             previous = self.seconds_per_step
             self.seconds_per_step = seconds if previous is None else (1 - _SMOOTHING) * previous + _SMOOTHING * seconds
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step, total = getattr(pl_module, "rl_step", batch_idx + 1), self.total_train_batches
+        every = max(1, int(total) // self.plain_lines) if total and total != float("inf") else 1
+        if self._plain and step % every == 0 and step != total:  # the last line comes after the final evaluation
+            self.print_plain_line(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Stop the live bar before the summary callback prints: its last frame comes first and the
         # summary (ending with the `mlflow ui` line) is the last thing on screen.
+        if self._plain:
+            self.print_plain_line(trainer, pl_module)
+        elif self.progress is not None and not self._progress_stopped:
+            self._update_metrics(trainer, pl_module)  # the final evaluation ran after the last step's frame
+            self.refresh(hard=True)
         self._stop_progress()
         super().on_train_end(trainer, pl_module)
+
+    def plain_line(self, trainer, pl_module) -> str:
+        """The bar as one line of text: step counter and :meth:`get_metrics`."""
+        step = getattr(pl_module, "rl_step", None)
+        total = self.total_train_batches
+        counter = f"RL step {step}/{total}" if step is not None else "RL steps"
+        return "  ".join([counter, *(f"{name} {value}" for name, value in self.get_metrics(trainer, pl_module).items())])
+
+    def print_plain_line(self, trainer, pl_module) -> None:
+        print(self.plain_line(trainer, pl_module), flush=True)
 
     def _stop_progress(self) -> None:
         # Once only: rich prints an empty line on every stop when output is not a terminal, and

@@ -6,7 +6,7 @@ import lightning as L
 from rich.console import Console
 from rich.table import Table
 
-from steer.tracking import ui_command
+from steer.tracking import ui_command, ui_url
 
 
 class SummaryCallback(L.Callback):
@@ -56,3 +56,4 @@ class SummaryCallback(L.Callback):
             print(f"MLflow store: {self.tracking_uri}", flush=True)
             print("open it with:", flush=True)
             print(ui_command(self.tracking_uri), flush=True)
+            print(f"then the runs, in the model-training view: {ui_url(self.tracking_uri)}", flush=True)
