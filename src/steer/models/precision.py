@@ -37,8 +37,7 @@ LARGEST_TYPICAL_WEIGHT = 1.0
 LIGHTNING_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 """``model.compute_dtype`` -> Lightning's ``trainer.precision`` (float32 parameters in every case)."""
 
-TRUE_PRECISION_DTYPES = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64",
-                         "transformer-engine": "bfloat16"}
+TRUE_PRECISION_DTYPES = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
 """Lightning precisions that convert the parameters themselves to a dtype (the optimiser then steps it)."""
 
 
