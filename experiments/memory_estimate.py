@@ -44,25 +44,6 @@ def steer_experiments() -> list[str]:
     return sorted(path.stem for path in (CONF / "experiment").glob("steer_*.yaml"))
 
 
-def short_layout(layout) -> str:
-    """One table cell: sharding, dtypes, checkpointing, micro-batch, rollout engine."""
-    parts = [f"FSDP x{layout.ranks}" if layout.fsdp else (f"DDP x{layout.ranks}" if layout.ranks > 1 else "1 GPU")]
-    parts.append({4: "fp32", 2: "bf16"}.get(layout.param_bytes, "?") + " params / "
-                 + {4: "fp32", 2: "bf16"}.get(layout.compute_bytes, "?") + " compute")
-    if layout.activation_checkpointing:
-        parts.append("act. ckpt")
-    if layout.cpu_offload:
-        parts.append("CPU offload")
-    parts.append(f"micro {layout.micro_batch_sequences} x {layout.sequence_tokens}")
-    if layout.engine == "vllm":
-        parts.append(f"vLLM {layout.gpu_memory_utilization:g}, sleep {layout.sleep_level}")
-    else:
-        parts.append(f"HF rollout {layout.generation_batch}/{layout.rank_sequences} seq")
-    if layout.reference_model:
-        parts.append("reference")
-    return ", ".join(parts)
-
-
 def table(extra_overrides: list[str]) -> str:
     """The markdown table over every steer_* experiment (a row says so when a config fails to compose)."""
     from steer.models.memory import estimate_for_config
@@ -85,7 +66,7 @@ def table(extra_overrides: list[str]) -> str:
         peaks = sorted({f"{e.peak / GiB:.1f}" for e in estimates}, key=float)
         peak_cell = f"{' / '.join(peaks)} GiB ({first.peak_phase})"
         fits = " | ".join("yes" if e.fits else "**no**" for e in estimates)
-        rows.append(f"| `{name}` | {first.label} | {short_layout(first.layout)} | {first.resident / GiB:.1f} GiB | {peak_cell} | {fits} |")
+        rows.append(f"| `{name}` | {first.label} | {first.layout.describe()} | {first.resident / GiB:.1f} GiB | {peak_cell} | {fits} |")
     devices = ", ".join(f"{name} = {size / GiB:.0f} GiB" for name, size in TABLE_DEVICES.items())
     rows.append("")
     rows.append(f"(estimate: steer.models.memory; {devices}; where the peak differs by device, vLLM's share does, "

@@ -244,9 +244,6 @@ KNOWN_ARCHITECTURES: dict[str, Architecture] = {
     "Qwen/Qwen2.5-Math-7B": Architecture(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
                                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                          tie_word_embeddings=False, qkv_bias=True),
-    "Qwen/Qwen2.5-Coder-7B": Architecture(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
-                                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                          tie_word_embeddings=False, qkv_bias=True),
     "Qwen/Qwen2.5-Math-1.5B": Architecture(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960,
                                            num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                                            tie_word_embeddings=True, qkv_bias=True),
@@ -254,6 +251,7 @@ KNOWN_ARCHITECTURES: dict[str, Architecture] = {
                                      num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
                                      tie_word_embeddings=False, qkv_bias=True),
 }
+KNOWN_ARCHITECTURES["Qwen/Qwen2.5-Coder-7B"] = KNOWN_ARCHITECTURES["Qwen/Qwen2.5-Math-7B"]  # the same decoder shape
 
 
 def architecture_for(path: str) -> Architecture | None:
