@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import random
 
+import pytest
+
 from steer.data.arithmetic import ArithmeticPrompts, ArithmeticTask
 from steer.data.prompts import encode_prompts
 from steer.data.records import PromptRecord
@@ -126,3 +128,30 @@ def test_chat_preset_composes_and_passes_check_config(tmp_path):
     assert cfg.data.task._target_ == "steer.data.arithmetic.ChatArithmeticTask"
     assert cfg.reward.mode == "math_verify" and cfg.model.gguf_file.startswith("SmolLM2")
     assert cfg.eval.benchmarks.arithmetic.records.task.num_heldout == 15
+
+
+def test_the_mixed_task_trains_on_3_and_4_terms_and_holds_out_4_term_problems_only():
+    from steer.data.arithmetic import MixedArithmeticTask
+
+    task = MixedArithmeticTask(num_terms=3, max_terms=4, heldout_terms=4, num_heldout=200)
+    terms = [list(map(int, r.prompt[0]["content"][8:-1].split("+"))) for r in task.heldout()]
+    assert len(terms) == 200 and {len(t) for t in terms} == {4}
+    held = {tuple(sorted(t)) for t in terms}
+    stream = ArithmeticPrompts(task, seed=1)
+    drawn = [tuple(sorted(map(int, stream[i].prompt[0]["content"][8:-1].split("+")))) for i in range(4000)]
+    counts = {k: sum(len(t) == k for t in drawn) for k in (3, 4)}
+    assert counts[3] + counts[4] == 4000 and 1800 < counts[3] < 2200  # uniform over 3 and 4 terms
+    assert not held & set(drawn)
+    with pytest.raises(ValueError, match="num_terms <= heldout_terms <= max_terms"):
+        MixedArithmeticTask(num_terms=3, max_terms=4, heldout_terms=5)
+
+
+def test_the_embedded_tasks_held_out_split_is_unchanged_by_the_mixed_task():
+    """The base task draws its held-out problems exactly as before (its warm-up cache stays valid):
+    an independent re-draw with the same seed gives the same 200 problems in the same order."""
+    task = ArithmeticTask()
+    rng, expected = random.Random(task.heldout_seed), {}
+    while len(expected) < task.num_heldout:
+        expected[tuple(sorted(rng.randint(10, 99) for _ in range(3)))] = None
+    got = [tuple(sorted(map(int, r.prompt[0]["content"][8:-1].split("+")))) for r in task.heldout()]
+    assert got == list(expected)

@@ -53,13 +53,20 @@ class ArithmeticTask:
         rng = random.Random(self.heldout_seed)
         keys: dict[tuple[int, ...], None] = {}
         while len(keys) < self.num_heldout:
-            keys[tuple(sorted(self.draw_terms(rng)))] = None
+            keys[tuple(sorted(self.draw_heldout_terms(rng)))] = None
         object.__setattr__(self, "_heldout", tuple(keys))
         object.__setattr__(self, "_heldout_keys", frozenset(keys))
 
     def draw_terms(self, rng: random.Random) -> list[int]:
+        return self._draw(rng, self.num_terms)
+
+    def draw_heldout_terms(self, rng: random.Random) -> list[int]:
+        """A held-out problem (the same distribution as training here; see :class:`MixedArithmeticTask`)."""
+        return self.draw_terms(rng)
+
+    def _draw(self, rng: random.Random, count: int) -> list[int]:
         low, high = 10 ** (self.digits - 1), 10**self.digits - 1
-        return [rng.randint(low, high) for _ in range(self.num_terms)]
+        return [rng.randint(low, high) for _ in range(count)]
 
     @staticmethod
     def prompt(terms: list[int]) -> str:
@@ -143,6 +150,33 @@ class ChatArithmeticTask(ArithmeticTask):
             reference=str(sum(terms)),
             data_source=DATA_SOURCE,
         )
+
+
+@dataclass(frozen=True)
+class MixedArithmeticTask(ArithmeticTask):
+    """Problems of ``num_terms`` to ``max_terms`` terms (the count drawn uniformly per problem), with
+    a held-out split of ``heldout_terms``-term problems only: the longest, least practised ones, on
+    which a warmed-up policy still fails often enough that its pass@k at large k starts well below 1
+    and can fall (``data=arithmetic_mixed``). A subclass, so that the embedded task and its warm-up
+    cache stay as they are.
+    """
+
+    max_terms: int = 4
+    """Most terms of a training problem."""
+    heldout_terms: int = 4
+    """Terms of every held-out problem (between ``num_terms`` and ``max_terms``)."""
+
+    def __post_init__(self) -> None:
+        if not self.num_terms <= self.heldout_terms <= self.max_terms:
+            raise ValueError(f"mixed arithmetic needs num_terms <= heldout_terms <= max_terms, got {self.num_terms}, "
+                             f"{self.heldout_terms}, {self.max_terms}")
+        super().__post_init__()
+
+    def draw_terms(self, rng: random.Random) -> list[int]:
+        return self._draw(rng, rng.randint(self.num_terms, self.max_terms))
+
+    def draw_heldout_terms(self, rng: random.Random) -> list[int]:
+        return self._draw(rng, self.heldout_terms)
 
 
 class ArithmeticPrompts(Dataset):
