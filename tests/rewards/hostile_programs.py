@@ -394,3 +394,105 @@ PROGRAMS = [
 def render(program: Hostile, values: dict[str, object]) -> str:
     """The program's code with its placeholders filled in (``{{``/``}}`` stand for braces)."""
     return program.code.format(**values)
+
+
+# Containment: programs that try to take the machine's memory, disk or process table down, run by
+# tests/rewards/test_containment.py with the limits of the code reward's config (1024 MB, 64
+# processes). Each stops by itself at a bounded size should containment fail (so a failed test
+# cannot take the machine down either), and returns the honest answer only if the attack got
+# through, so that a missing cap shows up as a wrong score. They have no placeholders: not for render().
+MEMORY_HOG_PROCESSES = 64
+MEMORY_HOG_MB = 800
+MEMORY_HOG = _program(  # 64 processes each touching 800 MB, all holding it at once
+    "memory_hog_64x800mb",
+    f"""
+    import os, select
+    SIZE = {MEMORY_HOG_MB} << 20
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    children = []
+    for _ in range({MEMORY_HOG_PROCESSES - 1}):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            os.close(hold_w)
+            block = bytearray(SIZE)
+            block[::4096] = b"\\x01" * (SIZE // 4096)  # touch every page
+            os.write(ready_w, b"+")
+            os.read(hold_r, 1)  # hold the memory until the parent lets go (or the run ends)
+            os._exit(0)
+        children.append(pid)
+    os.close(ready_w)
+    block = bytearray(SIZE)
+    block[::4096] = b"\\x01" * (SIZE // 4096)
+    held = died = 0
+    while held + died < len(children):  # until every child holds its block or was killed
+        if select.select([ready_r], [], [], 0.05)[0]:
+            held += len(os.read(ready_r, 4096))
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if not pid:
+                break
+            died += 1
+    os.close(hold_w)
+    everyone = len(children) == {MEMORY_HOG_PROCESSES - 1} and held == len(children) and not died
+    def add(a, b):
+        return a + b if everyone else f"contained: {{held}} held, {{died}} killed"
+    """,
+)
+SMALL_FILES = _program(  # many files, each far under the per-file cap, up to 1 GB in all
+    "many_small_files",
+    """
+    import os
+    files = 0
+    try:
+        for files in range(16384):
+            with open(f"junk-{files}.bin", "wb") as file:
+                file.write(os.urandom(1024) * 64)  # 64 kB
+        files = 16384
+    except OSError:  # ENOSPC: the working directory is full
+        pass
+    def add(a, b):
+        return a + b if files == 16384 else f"stopped after {files} files"
+    """,
+)
+EMPTY_FILES = _program(  # empty files cost no bytes, only inodes: up to 100,000 of them
+    "many_empty_files",
+    """
+    import os
+    files = 0
+    try:
+        for files in range(100000):
+            open(f"empty-{files}", "wb").close()
+        files = 100000
+    except OSError:
+        pass
+    def add(a, b):
+        return a + b if files == 100000 else f"stopped after {files} files"
+    """,
+)
+PIDS_BOMB_LIMIT = 400
+PIDS_BOMB = _program(  # sleeping children until fork fails, at most 400
+    "pids_bomb",
+    f"""
+    import os, time
+    children = 0
+    for _ in range({PIDS_BOMB_LIMIT}):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(600)
+            os._exit(0)
+        children += 1
+    def add(a, b):
+        return a + b if children == {PIDS_BOMB_LIMIT} else f"stopped after {{children}} children"
+    """,
+)
+CONTAINMENT_PROGRAMS = [MEMORY_HOG, SMALL_FILES, EMPTY_FILES, PIDS_BOMB]

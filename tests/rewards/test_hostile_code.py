@@ -75,6 +75,7 @@ def _cases() -> list:
 
 def _assert_nothing_left(trainer_side, sandbox_root: Path) -> None:
     assert sandbox.processes_of_runs() == [], "a process of the run outlived it"
+    assert sandbox.cgroups_of_runs() == [], "the run's cgroup is left"
     assert list(sandbox_root.iterdir()) == [], "the run's temporary folder is left"
     assert trainer_side["bystander"].poll() is None, "a bystander process was killed"
     assert sorted(p.name for p in trainer_side["outside"].iterdir()) == ["canary.txt"]

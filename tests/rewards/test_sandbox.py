@@ -83,7 +83,7 @@ def test_output_is_capped():
 
 def test_working_directory_is_private_and_removed():
     result = run_python(
-        "import os\nopen('scratch.txt', 'w').write('data')\nprint(os.getcwd())\nprint(os.listdir('.'))"
+        "import os\nopen('scratch.txt', 'w').write('data')\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))"
     )
     workdir = Path(result.stdout.splitlines()[0])
     assert result.stdout.splitlines()[1] == "['main.py', 'scratch.txt']"

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from steer.rewards.base import RewardOutput
-from steer.rewards.sandbox import SandboxResult, run_python
+from steer.rewards.sandbox import SandboxResult, containment, run_python
 
 ORACLES = ("exact", "set", "not_none", "any", "poly_root", "json", "lines")
 REFERENCE_TIME_FACTOR = 4.0
@@ -460,8 +460,11 @@ class CodeReward:
         timeout_s: wall-clock limit for one sample, all its tests together.
         test_timeout_s: time limit of one test (a function call or one program run); raised to
             ``REFERENCE_TIME_FACTOR`` times the reference solution's time where that is known.
-        memory_mb: address-space limit of each sandboxed process.
-        max_processes: processes (and threads) one sample may run at once (``RLIMIT_NPROC``).
+        memory_mb: address-space limit of each sandboxed process; where the sandbox can make a
+            cgroup, a sample's processes together get ``memory_mb`` + 144 MB (its working
+            directory's tmpfs) + 64 MB (:func:`steer.rewards.sandbox.run_python`).
+        max_processes: processes (and threads) one sample may run at once (``RLIMIT_NPROC``, and
+            the cgroup's ``pids.max`` where there is one).
         num_workers: samples checked at once (at most the number of free CPU cores).
     """
 
@@ -484,6 +487,7 @@ class CodeReward:
             "max_processes": max_processes,
         }
         self.num_workers = num_workers
+        containment()  # probe the sandbox once per process and log what it enforces, at start-up
 
     def check(self, response: str, reference: Mapping[str, Any]) -> CheckResult:
         """Check one response (the code is extracted from it first)."""

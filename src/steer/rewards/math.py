@@ -590,8 +590,12 @@ class MathReward:
         mode: ``"math_verify"`` | ``"dapo_strict"`` | ``"either"``.
         timeout_s: wall-clock limit per math-verify check; a sample over it scores ``wrong_score``
             and counts in ``num_timeouts``.
-        num_workers: math-verify worker processes (spawned lazily on first use, then reused).
-            0 checks in the calling process: with a timer in the main thread, without one elsewhere.
+        num_workers: math-verify worker processes (spawned lazily on first use, then reused); a
+            check past ``timeout_s + KILL_GRACE_S`` has its worker killed and replaced, so no answer
+            holds a call up for longer. 0 checks in the calling process: with a timer in the main
+            thread, without one elsewhere; the timer cannot stop C code (big-number arithmetic in
+            sympy), so a check may overrun ``timeout_s`` by seconds (up to 10.5 s over a 1 s limit
+            in the 10,000-string fuzz): use 0 only where no model writes the answers.
         correct_score, wrong_score: rewards; ``None`` takes the mode's default
             (1 / 0, and +1 / -1 for ``dapo_strict`` as in DAPO).
 
