@@ -695,6 +695,13 @@ class Containment:
         return f"isolation {self.isolation}; {caps}; working directory {disk}"
 
 
+def _probe(code: str, level: Isolation, cgroup: "CgroupHierarchy | None"):
+    """One short run of ``code`` at ``level`` (a start-up probe: generous time, default caps)."""
+    return _run(code, b"", level=level, timeout_s=20.0, cpu_time_s=20.0, memory_mb=1024, total_memory_mb=1024,
+                disk_mb=16, max_output_bytes=1 << 16, max_processes=64, block_network=True, site_packages=False,
+                env=None, cgroup=cgroup)
+
+
 @functools.cache
 def cgroups_work(level: Isolation) -> CgroupHierarchy | None:
     """The cgroup hierarchy runs at ``level`` use: :func:`find_cgroup_hierarchy`'s, if a probe run
@@ -703,11 +710,7 @@ def cgroups_work(level: Isolation) -> CgroupHierarchy | None:
     if hierarchy is None:
         return None
     try:
-        probe = _run(
-            "print(open('/proc/self/cgroup').read())", b"", level=level, timeout_s=20.0, cpu_time_s=20.0,
-            memory_mb=1024, total_memory_mb=1024, disk_mb=16, max_output_bytes=1 << 16, max_processes=64,
-            block_network=True, site_packages=False, env=None, cgroup=hierarchy,
-        )
+        probe = _probe("print(open('/proc/self/cgroup').read())", level, hierarchy)
     except OSError:
         return None
     joined = {controller for controller in ("unified", "memory", "pids") if any(
@@ -744,11 +747,7 @@ def level_works(level: Isolation) -> bool:
     if shutil.which("unshare") is None or (level == "namespaces" and os.geteuid() != 0):
         return False
     try:
-        probe = _run(
-            "import os; print(os.getuid())", b"", level=level, timeout_s=20.0, cpu_time_s=20.0,
-            memory_mb=1024, total_memory_mb=1024, disk_mb=16, max_output_bytes=1 << 16, max_processes=64,
-            block_network=True, site_packages=False, env=None, cgroup=None,
-        )
+        probe = _probe("import os; print(os.getuid())", level, None)
     except OSError:
         return False
     return probe.status == "ok" and bool(probe.stdout.strip())
