@@ -106,8 +106,10 @@ class ParityReward:
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of the whole tensor in CPU memory (FSDP shards gathered; on a GPU the copies
+    stay out of the device memory that gpu_precision.py measures)."""
     tensor = tensor.detach()
-    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).double().clone()
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).to("cpu", torch.float64, copy=True)
 
 
 class WeightDrift(L.Callback):
