@@ -651,11 +651,11 @@ def check_data_parallel(cfg: DictConfig, algorithm: AlgorithmConfig, environ: An
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
     if "fsdp" in target.lower() or "fullysharded" in target.lower():
         precision = strategy.get("mixed_precision", None) if OmegaConf.is_dict(strategy) else None
-        from steer.models.sharding import MIXED_PRECISION
+        from steer.models.sharding import MIXED_PRECISION_CHOICES
 
-        if precision not in MIXED_PRECISION:
+        if precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of "
-                              f"{', '.join('null' if key is None else key for key in MIXED_PRECISION)}")
+                              f"{', '.join('null' if key is None else key for key in MIXED_PRECISION_CHOICES)}")
         if not (cfg.get("model") or {}).get("path"):
             raise ConfigError(
                 "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "

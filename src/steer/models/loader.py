@@ -9,14 +9,16 @@ file: ``model=smollm2``). A local GGUF file is de-quantised once and re-saved as
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import importlib.util
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -42,6 +44,13 @@ HUB_PROBE_TIMEOUT_S = 5.0
 """How long the one look at the Hugging Face Hub before loading a Hub id may take."""
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether ``model.path`` names a Hugging Face Hub id rather than a local folder."""
+    from steer.config import LOCAL_PATH_PREFIXES
+
+    return not (path.startswith(LOCAL_PATH_PREFIXES) or Path(path).exists())
+
+
 def hub_kwargs(path: str) -> dict[str, Any]:
     """``from_pretrained`` arguments for ``path`` after one quick look at the Hub when it is a Hub id.
 
@@ -49,47 +58,60 @@ def hub_kwargs(path: str) -> dict[str, Any]:
     long ``OSError``; one request without retries decides instead: the Hub answers -> ``{}``; it is
     unreachable -> the local cache (``local_files_only``) if it holds the id, else a one-line
     :class:`~steer.config.ConfigError` naming the way out; it does not know the id -> a ConfigError.
-    A local folder (or ``HF_HUB_OFFLINE=1``, the cache only) is left to ``from_pretrained``.
+    A local folder (or ``HF_HUB_OFFLINE=1``, the cache only) is left to ``from_pretrained``. The
+    answer is kept for the process (the tokenizer is loaded before the weights: one look for both).
     """
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
+
+    if not is_hub_id(path) or constants.HF_HUB_OFFLINE:
+        return {}
+    return dict(_look_at_hub(path, constants.ENDPOINT, constants.HF_HUB_CACHE))
+
+
+@functools.cache
+def _look_at_hub(path: str, endpoint: str, cache: str) -> tuple[tuple[str, Any], ...]:
+    """:func:`hub_kwargs`' request, once per (id, Hub, cache); a ConfigError is raised, not kept."""
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    from steer.config import LOCAL_PATH_PREFIXES, ConfigError
+    from steer.config import ConfigError
 
-    if path.startswith(LOCAL_PATH_PREFIXES) or Path(path).exists() or constants.HF_HUB_OFFLINE:
-        return {}
-    endpoint = constants.ENDPOINT
     try:
         status = get_session().get(f"{endpoint}/api/models/{path}", headers=build_hf_headers(),
                                    timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=True).status_code
     except Exception as error:  # no route, no DNS, a timeout: the Hub is unreachable from here
-        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        if isinstance(try_to_load_from_cache(path, "config.json", cache_dir=cache), str):
             log.warning("model.path=%s: the Hugging Face Hub is unreachable (%s); loading the cached copy", path,
                         type(error).__name__)
-            return {"local_files_only": True}
+            return (("local_files_only", True),)
         raise ConfigError(f"model.path={path!r}: the Hugging Face Hub ({endpoint}) is unreachable "
                           f"({type(error).__name__}) and this id is not in the local cache; allowed: a local model "
                           "folder, or HF_HUB_OFFLINE=1 with the model in the Hugging Face cache (HF_HOME)") from None
     if status in (401, 403, 404):
         raise ConfigError(f"model.path={path!r} is not a model the Hugging Face Hub knows (HTTP {status}; a gated or "
                           "private one needs `hf auth login`); allowed: an existing Hub id (org/name) or a local folder")
-    return {}
+    return ()
 
 
-def _hub_miss(path: str, error: OSError):
-    """The one-line ConfigError for a Hub id ``from_pretrained`` could not load (HF_HUB_OFFLINE=1 and
-    not cached, or a file the repository lacks); None for a local folder (its error stays as it is)."""
-    from steer.config import LOCAL_PATH_PREFIXES, ConfigError
+@contextmanager
+def hub_errors(path: str) -> Iterator[None]:
+    """Turn a loading ``OSError`` of a Hub id into one ConfigError line (HF_HUB_OFFLINE=1 and not
+    cached, or a file the repository lacks); a local folder's error stays as it is."""
+    try:
+        yield
+    except OSError as error:
+        if not is_hub_id(path):
+            raise
+        from huggingface_hub import constants
 
-    if path.startswith(LOCAL_PATH_PREFIXES) or Path(path).exists():
-        return None
-    from huggingface_hub import constants
+        from steer.config import ConfigError
 
-    if constants.HF_HUB_OFFLINE:
-        return ConfigError(f"model.path={path!r} is not in the local Hugging Face cache, the only place HF_HUB_OFFLINE=1 "
-                           "loads from; allowed: a local model folder, or the id with the Hub reachable")
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ConfigError(f"model.path={path!r}: {first_line}; allowed: a local model folder or a loadable Hub id")
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(f"model.path={path!r} is not in the local Hugging Face cache, the only place "
+                              "HF_HUB_OFFLINE=1 loads from; allowed: a local model folder, or the id with the Hub "
+                              "reachable") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.path={path!r}: {first_line}; allowed: a local model folder or a loadable Hub id") from None
 
 
 def load_tokenizer(path: str, **kwargs):
@@ -154,16 +176,11 @@ def load_pretrained(path: str, dtype: str = "float32", gguf_file: str | None = N
         raise ValueError(f"model.dtype={dtype!r} is not valid; choose one of {sorted(DTYPES)}")
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     kwargs.update(hub_kwargs(path))
-    try:
+    with hub_errors(path):
         tokenizer = load_tokenizer(path, **kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
-    except OSError as error:
-        miss = _hub_miss(path, error)
-        if miss is None:
-            raise
-        raise miss from None
     return tokenizer, policy
 
 
@@ -175,13 +192,8 @@ def load_policy_tokenizer(path: str | None, gguf_file: str | None = None):
 
         return build_char_tokenizer()
     path = resolve_model_path(path)
-    try:
+    with hub_errors(path):
         tokenizer = load_tokenizer(path, **({"gguf_file": gguf_file} if gguf_file else {}), **hub_kwargs(path))
-    except OSError as error:
-        miss = _hub_miss(path, error)
-        if miss is None:
-            raise
-        raise miss from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -121,10 +121,10 @@ log = logging.getLogger(__name__)
 
 GiB = 2**30
 FLOAT32_BYTES = 4
-DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2, "float64": 8}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 """Bytes per element of the dtype names the config uses (``model.dtype``, ``model.compute_dtype``,
 ``trainer.strategy.mixed_precision``, ``rollout.engine.dtype``)."""
-AUTOCAST_PRECISION_BYTES = {"bf16-mixed": 2, "16-mixed": 2, "bf16": 2, "16": 2}
+AUTOCAST_PRECISION_BYTES = {"bf16-mixed": 2, "16-mixed": 2}
 """Lightning precisions that run the arithmetic in 16 bits under autocast (float32 parameters)."""
 GATHERED_DECODER_LAYERS = 2
 """FSDP2 decoder layers assumed gathered at once: the one running and the one prefetched."""
@@ -411,12 +411,11 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
     model_dtype = str(_knob(cfg, "model.dtype", "float32"))
     precision = str(_knob(cfg, "trainer.precision", "32-true"))
     param_bytes = DTYPE_BYTES.get(stepped_dtype(model_dtype, precision), 4)
-    compute_setting = _knob(cfg, "model.compute_dtype")
-    if compute_setting is not None:  # the knob of steer.models.precision; auto: bf16 on a GPU
-        compute = str(compute_setting)
-        compute_bytes = DTYPE_BYTES.get(compute, 4) if compute != "auto" else (2 if gpu else 4)
-    elif fsdp:  # null: no casting
-        compute_bytes = DTYPE_BYTES.get(str(_knob(cfg, "trainer.strategy.mixed_precision", "bf16")), param_bytes)
+    # What sets the arithmetic's dtype (both follow model.compute_dtype unless overridden): FSDP's cast,
+    # else Lightning's autocast precision. "auto" is estimated as on a GPU that has bfloat16.
+    if fsdp:
+        cast = str(_knob(cfg, "trainer.strategy.mixed_precision"))
+        compute_bytes = (2 if gpu else param_bytes) if cast == "auto" else DTYPE_BYTES.get(cast, param_bytes)
     else:
         compute_bytes = AUTOCAST_PRECISION_BYTES.get(precision, param_bytes)
     compute_bytes = min(compute_bytes, param_bytes)
@@ -449,7 +448,8 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
         max_batch_sequences=int(max_batch) if max_batch else None,
         gpu_memory_utilization=float(_knob(cfg, "rollout.engine.gpu_memory_utilization", 0.5)),
         kv_cache_memory_bytes=int(kv_bytes) if kv_bytes else None,
-        engine_dtype_bytes=DTYPE_BYTES.get(engine_dtype, param_bytes) if engine_dtype != "auto" else param_bytes,
+        # auto: bfloat16 on a GPU, else the policy's dtype (steer.rollout.vllm)
+        engine_dtype_bytes=(2 if gpu else param_bytes) if engine_dtype == "auto" else DTYPE_BYTES.get(engine_dtype, param_bytes),
         sleep_level=int(_knob(cfg, "rollout.engine.sleep_level", 0)),
         reference_model=float(_knob(cfg, "algorithm.kl.coef", 0.0)) > 0,
         minibatch_pass_sequences=minibatch_sequences if _uses_global_scope(cfg) else 0,

@@ -17,9 +17,11 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-MIXED_PRECISION = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+MIXED_PRECISION = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``trainer.strategy.mixed_precision`` (by default ``model.compute_dtype``) -> the compute dtype FSDP
-gathers the float32 shards in; None keeps the parameters' dtype; ``auto`` is decided on the device."""
+gathers the float32 shards in; None keeps the parameters' dtype. ``auto`` (:data:`MIXED_PRECISION_CHOICES`)
+becomes one of these on the device (:func:`steer.models.precision.resolve_compute_dtype`)."""
+MIXED_PRECISION_CHOICES = (*MIXED_PRECISION, "auto")
 
 
 class FullyShardedStrategy(ModelParallelStrategy):
@@ -46,8 +48,9 @@ class FullyShardedStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = False,
         **kwargs,
     ) -> None:
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"trainer.strategy.mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
+        if mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"trainer.strategy.mixed_precision must be one of {list(MIXED_PRECISION_CHOICES)}, "
+                             f"got {mixed_precision!r}")
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.layer_class = get_class(layer_class)
@@ -73,11 +76,10 @@ class FullyShardedStrategy(ModelParallelStrategy):
             from steer.models.loader import enable_activation_checkpointing
 
             enable_activation_checkpointing(policy, knob="trainer.strategy.activation_checkpointing")
-        dtype = MIXED_PRECISION[self.mixed_precision]
-        if dtype == "auto":
-            from steer.models.precision import resolve_compute_dtype
+        from steer.models.precision import resolve_compute_dtype
 
-            dtype = MIXED_PRECISION[resolve_compute_dtype("auto", self.root_device.type)]
+        name = self.mixed_precision
+        dtype = MIXED_PRECISION[resolve_compute_dtype(name, self.root_device.type) if name == "auto" else name]
         options = {
             "mesh": self.device_mesh["data_parallel"],
             "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy(),
