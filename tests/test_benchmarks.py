@@ -140,17 +140,23 @@ def test_gpu_mfu_counts_flops_from_the_measured_step(tmp_path):
     assert 0 < result["step_mfu"] < result["update_mfu"] * 2
 
 
-def test_gpu_precision_runs_its_three_trainings_at_toy_size_on_cpu(tmp_path, monkeypatch):
+def test_gpu_precision_runs_its_three_trainings_at_toy_size_on_cpu(tmp_path):
     """gpu_precision.py --cpu-smoke: the configured steer_math layout moves its float32 weights as far
-    as the float32 reference; bfloat16 parameters (check switched off) keep a few percent of it."""
-    import gpu_precision
+    as the float32 reference; bfloat16 parameters (check switched off) keep a few percent of it.
+    In a subprocess, as a user runs it: its FSDP run sets up a process group (and MASTER_PORT) that
+    must not outlive it in the test process."""
+    import os
 
     from tests.conftest import SHARED_DATA
 
-    monkeypatch.setenv("STEER_DATA_DIR", str(SHARED_DATA))
     out = tmp_path / "precision.json"
-    results = gpu_precision.main(["--cpu-smoke", "--steps", "1", "--json", str(out)])
-    assert json.loads(out.read_text()).keys() == results.keys() == {"configured", "float32", "bfloat16 parameters"}
+    env = {**os.environ, "STEER_DATA_DIR": str(SHARED_DATA)}
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_precision.py"), "--cpu-smoke", "--steps", "1", "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "bfloat16 parameters" in run.stdout  # the printed table
+    results = json.loads(out.read_text())
+    assert results.keys() == {"configured", "float32", "bfloat16 parameters"}
     configured, reference, bf16 = results["configured"], results["float32"], results["bfloat16 parameters"]
     assert configured["parameter_dtypes"] == ["float32"] and bf16["parameter_dtypes"] == ["bfloat16"]
     assert configured["moved"] > 0.99 and abs(configured["mean_abs_drift"] / reference["mean_abs_drift"] - 1) < 0.1

@@ -65,23 +65,17 @@ def run(name: str, overrides: list[str], out_dir: Path) -> dict:
     """One training; its drift, last-step metrics, peak GPU memory and the layout's estimate."""
     import torch
 
-    import steer.config
-    from gpu_mfu import forward_flops_per_token
+    from gpu_mfu import default_peak, forward_flops_per_token
     from steer.models.memory import architecture_for, estimate_for_config
     from tests.models import precision_driver
 
-    checks = list(steer.config.STARTUP_CHECKS)
-    if name == "bfloat16 parameters":  # the failure the start-up check refuses, measured on purpose
-        steer.config.STARTUP_CHECKS[:] = [c for c in checks if c is not steer.config.check_precision]
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    try:
-        result = precision_driver.train(overrides, out_dir)
-    finally:
-        steer.config.STARTUP_CHECKS[:] = checks
-    cfg = precision_driver.compose_for(overrides, out_dir)
+    # bfloat16 parameters: the failure the start-up check refuses, measured on purpose
+    result = precision_driver.train(overrides, out_dir, precision_check=name != "bfloat16 parameters")
+    cfg = precision_driver.compose(overrides, out_dir)
     estimate = estimate_for_config(cfg, torch.cuda.get_device_properties(0).total_memory if gpu else None, gpu=gpu)
     metrics = result["last_step"]
     rows = cfg.algorithm.prompts_per_step * cfg.algorithm.n
@@ -90,9 +84,8 @@ def run(name: str, overrides: list[str], out_dir: Path) -> dict:
     non_embedding = arch.parameters - arch.embedding_parameters  # tied embeddings: the head is the same matrix
     forward = forward_flops_per_token(non_embedding, arch.num_hidden_layers, arch.hidden_size, metrics["response/length_mean"]) * tokens
     update_s, rollout_s = metrics["time/update_s"], metrics["time/rollout_s"]
-    peak_tflops = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
     device = torch.cuda.get_device_name(0) if gpu else "cpu"
-    peak = next((value for key, value in peak_tflops.items() if key in device), None)
+    peak = default_peak(device)
     return {
         "moved": result["moved"], "mean_abs_drift": result["mean_abs_drift"], "parameter_dtypes": result["parameter_dtypes"],
         "generated_tokens_per_s": tokens / rollout_s, "trained_tokens_per_s": tokens / update_s,

@@ -87,16 +87,21 @@ class ScriptedRollout:
                 answer = total if right else total + 1
                 tokens = self.tokenizer.encode(f"{filler}\\boxed{{{answer}}}", add_special_tokens=False)
                 responses.append((tokens + [self.eos])[: params.max_new_tokens])
-        repeated = [ids for ids in prompt_token_ids for _ in range(params.n)]
-        prompt_ids, prompt_mask = left_pad(repeated, self.pad)
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(responses), width), self.pad, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
-        for row, response in enumerate(responses):
-            response_ids[row, : len(response)] = torch.tensor(response)
-            response_mask[row, : len(response)] = True
-        truncated = torch.tensor([r[-1] != self.eos for r in responses])
-        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(response_ids.shape), truncated)
+        return scripted_batch(prompt_token_ids, responses, params.n, self.pad, self.eos)
+
+
+def scripted_batch(prompt_token_ids, responses: list[list[int]], n: int, pad: int, eos: int) -> RolloutBatch:
+    """Scripted responses (``n`` adjacent rows per prompt) as a RolloutBatch: prompts padded on the
+    left, responses on the right, zero sampler log-probs, truncated where a response lacks EOS."""
+    prompt_ids, prompt_mask = left_pad([ids for ids in prompt_token_ids for _ in range(n)], pad)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), pad, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
+    for row, response in enumerate(responses):
+        response_ids[row, : len(response)] = torch.tensor(response)
+        response_mask[row, : len(response)] = True
+    truncated = torch.tensor([r[-1] != eos for r in responses])
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(response_ids.shape), truncated)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

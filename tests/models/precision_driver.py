@@ -39,7 +39,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from steer.rewards.base import RewardOutput  # noqa: E402
-from steer.rollout.base import RolloutBatch, SamplingParams, left_pad  # noqa: E402
+from steer.rollout.base import RolloutBatch, SamplingParams  # noqa: E402
+from tests.distributed.ddp_driver import compose, scripted_batch  # noqa: E402
 
 SIZES = [
     "algorithm.steps=2",
@@ -82,15 +83,7 @@ class ScriptedRollout:
                 length = int(torch.randint(2, 12, (), generator=generator))
                 tokens = torch.randint(self.low, self.vocab, (length,), generator=generator).tolist()
                 responses.append((tokens + [self.eos])[: params.max_new_tokens])
-        prompt_ids, prompt_mask = left_pad([ids for ids in prompt_token_ids for _ in range(params.n)], self.pad)
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(responses), width), self.pad, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.bool)
-        for row, response in enumerate(responses):
-            response_ids[row, : len(response)] = torch.tensor(response)
-            response_mask[row, : len(response)] = True
-        truncated = torch.tensor([r[-1] != self.eos for r in responses])
-        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(response_ids.shape), truncated)
+        return scripted_batch(prompt_token_ids, responses, params.n, self.pad, self.eos)
 
 
 class ParityReward:
@@ -139,45 +132,40 @@ class WeightDrift(L.Callback):
             self.out_file.write_text(json.dumps(result))
 
 
-def compose_for(overrides: list[str], output_dir: Path):
-    """The config ``python src/run.py`` would compose from ``overrides`` (Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
-
-    import steer.app  # noqa: F401  registers the resolvers
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}", f"store_dir={output_dir}"])
-
-
-def train(overrides: list[str], output_dir: Path) -> dict:
-    """Train ``overrides`` with :func:`steer.app.train`; the weights' drift and the last step's metrics."""
+def train(overrides: list[str], output_dir: Path, precision_check: bool = True) -> dict:
+    """Train ``overrides`` with :func:`steer.app.train`; the weights' drift and the last step's metrics.
+    ``precision_check=False`` leaves the precision start-up check out: the failure it refuses,
+    measured on purpose (the negative control)."""
+    import steer.config
     from steer.app import train as train_config
 
     output_dir.mkdir(parents=True, exist_ok=True)
     drift_file = output_dir / "weight_drift.json"
     recorder = ["+callbacks.weight_drift._target_=tests.models.precision_driver.WeightDrift",
                 f"+callbacks.weight_drift.out_file={drift_file}"]
-    cfg = compose_for([*overrides, *recorder], output_dir)
-    metrics = train_config(cfg)
+    cfg = compose([*overrides, *recorder], output_dir)
+    checks = list(steer.config.STARTUP_CHECKS)
+    if not precision_check:
+        steer.config.STARTUP_CHECKS.remove(steer.config.check_precision)
+    try:
+        metrics = train_config(cfg)
+    finally:
+        steer.config.STARTUP_CHECKS[:] = checks
     return {**json.loads(drift_file.read_text()), "last_step": metrics, "trainer_precision": str(cfg.trainer.precision),
             "model_dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype, "lr": cfg.algorithm.lr,
             "strategy": str((cfg.trainer.get("strategy") or {}).get("_target_", "single device"))}
 
 
 def main(argv: list[str]) -> None:
-    import steer.config
-
     out, model_dir, runs = Path(argv[0]), argv[1], argv[2:]
     unchecked = runs[runs.index("--unchecked") + 1:] if "--unchecked" in runs else []
     runs = runs[: runs.index("--unchecked")] if "--unchecked" in runs else runs
     torch.set_num_threads(1)
-    checks = list(steer.config.STARTUP_CHECKS)
     results = {}
     for index, run in enumerate([*runs, *unchecked]):
-        steer.config.STARTUP_CHECKS[:] = [c for c in checks if run in runs or c is not steer.config.check_precision]
         base = [*shlex.split(run), f"model.path={model_dir}", "model.gguf_file=null", *SIZES]
         results[run] = {
-            "configured": train(base, out.parent / f"run{index}"),
+            "configured": train(base, out.parent / f"run{index}", precision_check=run in runs),
             "float32": train([*base, *FLOAT32_REFERENCE], out.parent / f"run{index}_float32"),
         }
         print(run, json.dumps(results[run]), flush=True)
