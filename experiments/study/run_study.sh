@@ -19,7 +19,7 @@
 #             hashes every warm-up setting). The warm-up does not depend on REGIME: both regimes
 #             start seed k from the same policy (paired across regimes too).
 #   STEPS     RL steps (empty: algorithm.steps, 250)
-#   EVAL_SAMPLES, EVAL_EVERY   held-out samples per prompt (default 32: pass@1/4/16/32 and the
+#   EVAL_SAMPLES, EVAL_EVERY   held-out samples per prompt (default 32: pass@1/2/4/8/16/32 and the
 #             distinct addition orders, docs/metrics.md) and steps between evaluations (default 50)
 #   THREADS, PARALLEL, OUT, EXTRA (more Hydra overrides, space-separated)
 #
@@ -69,7 +69,7 @@ IFS=',' read -r -a seed_list <<< "$SEEDS"
 seeding=('model.tiny.seed=${seed}' 'model.warmup.seed=${seed}')
 evaluation=("eval.every_n_steps=$EVAL_EVERY")
 if [ "$EVAL_SAMPLES" -ge 32 ]; then
-  evaluation+=("eval.benchmarks.arithmetic.samples_per_prompt=$EVAL_SAMPLES" "eval.benchmarks.arithmetic.pass_at_k=[1,4,16,32]")
+  evaluation+=("eval.benchmarks.arithmetic.samples_per_prompt=$EVAL_SAMPLES" "eval.benchmarks.arithmetic.pass_at_k=[1,2,4,8,16,32]")
 else
   evaluation+=("eval.benchmarks.arithmetic.samples_per_prompt=$EVAL_SAMPLES")
 fi
