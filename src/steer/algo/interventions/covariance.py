@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from steer.algo.interventions.scope import all_reduce
+from steer.distributed import all_reduce
 
 
 def covariance_score(

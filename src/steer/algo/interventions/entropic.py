@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.scope import RowCursor, all_reduce, check_scope
+from steer.algo.interventions.scope import RowCursor, check_scope
+from steer.distributed import all_reduce
 
 
 class EntropyPIControl(Intervention):

@@ -14,7 +14,8 @@ import math
 import torch
 
 from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.scope import all_gather_1d, check_scope
+from steer.algo.interventions.scope import check_scope
+from steer.distributed import all_gather_1d
 
 
 def entropy_quantile(entropy: torch.Tensor, mask: torch.Tensor, q: float, across_ranks: bool = False) -> float:

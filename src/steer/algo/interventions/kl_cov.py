@@ -24,7 +24,8 @@ import torch
 
 from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
 from steer.algo.interventions.covariance import covariance_score, valid_token_count
-from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, all_gather_1d, check_scope
+from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope
+from steer.distributed import all_gather_1d
 
 
 class KLCov(Intervention):

@@ -39,7 +39,8 @@ import torch
 
 from steer.algo.aggregation import masked_mean
 from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, all_gather_1d, check_scope
+from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope
+from steer.distributed import all_gather_1d
 
 VARIANTS = ("O1", "C2")
 

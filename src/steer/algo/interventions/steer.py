@@ -38,7 +38,8 @@ import math
 import torch
 
 from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.scope import NEEDS_PPO, all_reduce, check_scope
+from steer.algo.interventions.scope import NEEDS_PPO, check_scope
+from steer.distributed import all_reduce
 
 PROBABILITY_CLAMP = 1e-8
 OMEGAS = ("released", "first_order")

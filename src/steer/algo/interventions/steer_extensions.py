@@ -27,7 +27,7 @@ import math
 import torch
 
 from steer.algo.interventions.base import PolicyTokens, PPOTerms
-from steer.algo.interventions.scope import all_reduce
+from steer.distributed import all_reduce
 from steer.algo.interventions.steer import SteerReweighting
 
 
