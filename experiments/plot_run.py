@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from steer.callbacks.entropy_probe import FIGURES, History, write_figures  # noqa: E402
+from steer.probe.callback import FIGURES, History, write_figures  # noqa: E402
 from steer.tracking import open_store  # noqa: E402
 
 

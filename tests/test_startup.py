@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from steer.app import run, train
-from steer.config import ConfigError, check_config
+from steer.knobs import ConfigError
+from steer.startup import check_config
 from tests.conftest import CONF, REPO, SHARED_DATA, TINY_RUN, compose
 
 GSM8K = SHARED_DATA / "math" / "gsm8k_test.parquet"
@@ -25,7 +26,6 @@ GSM8K = SHARED_DATA / "math" / "gsm8k_test.parquet"
 def nothing_built(monkeypatch, tmp_path):
     """Fail the test if a model is loaded or an MLflow logger (and so a run) is created."""
     import steer.app
-    import steer.evaluate
 
     def model_built(*args, **kwargs):
         pytest.fail("a model was built before the config was validated")
@@ -34,8 +34,7 @@ def nothing_built(monkeypatch, tmp_path):
         pytest.fail("a logger (MLflow run) was created before the config was validated")
 
     monkeypatch.setattr(steer.app, "load_policy", model_built)
-    monkeypatch.setattr(steer.app, "build_logger", run_created)
-    monkeypatch.setattr(steer.evaluate, "build_logger", run_created)
+    monkeypatch.setattr(steer.app, "build_logger", run_created)  # both jobs (train, evaluate) build it there
     yield
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -159,7 +158,7 @@ def test_a_prompt_length_that_drops_every_prompt_fails_before_the_model(tmp_path
 
 
 def test_a_prompt_length_that_keeps_some_prompts_passes_the_check(tmp_path):
-    from steer.config import check_prompts_fit
+    from steer.data.prompts import check_prompts_fit
     from steer.data.arithmetic import ArithmeticTask
     from steer.models.tiny import build_char_tokenizer
 
@@ -185,7 +184,7 @@ def test_an_unreachable_tracking_server_fails_within_seconds(tmp_path, nothing_b
 
 
 def test_a_tracking_server_that_answers_passes_the_check(tmp_path):
-    from steer.config import check_logger
+    from steer.tracking import check_logger
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

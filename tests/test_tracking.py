@@ -109,12 +109,24 @@ def test_failed_and_killed_runs_end_failed_and_killed(tmp_path):
     assert (tmp_path / "artifacts" / runs["eval"].info.run_id / "artifacts" / "eval_results.json").is_file()
 
 
-def test_tracked_run_without_mlflow_changes_nothing():
-    with tracked_run(False):
-        pass
-    with pytest.raises(ValueError):
+def test_tracked_run_without_mlflow_changes_nothing(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    def handlers():
+        return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    before, ran = handlers(), []
+    for logger in (False, None, CSVLogger(tmp_path)):
+        with tracked_run(logger):
+            assert handlers() == before  # no signal handlers of its own (an MLflow logger gets them)
+            ran.append(logger)
+        assert handlers() == before
+    assert len(ran) == 3  # each body ran once, through to its end
+    error = ValueError("passes through")
+    with pytest.raises(ValueError) as raised:
         with tracked_run(None):
-            raise ValueError("passes through")
+            raise error
+    assert raised.value is error and handlers() == before
 
 
 def test_the_experiment_is_marked_as_model_training(tmp_path):

@@ -67,7 +67,8 @@ class LossCase:
     """One preset's interventions and the inputs of one optimiser step (fresh graph every call)."""
 
     def __init__(self, name: str, overrides: list[str], sequences: int, width: int, vocab: int, seed: int) -> None:
-        from steer.algo.policy_loss import ClipConfig, LossTotals
+        from steer.algo.interventions.base import ClipConfig
+        from steer.algo.policy_loss import LossTotals
         from steer.app import build_interventions
 
         cfg = compose([f"intervention={name}", *overrides])

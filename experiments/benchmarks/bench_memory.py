@@ -56,7 +56,8 @@ def child(config: dict) -> dict:
 
     from steer.algo.interventions.base import PolicyTokens
     from steer.algo.logprobs import response_logprobs_and_entropy
-    from steer.algo.policy_loss import ClipConfig, LossTotals, policy_loss
+    from steer.algo.interventions.base import ClipConfig
+    from steer.algo.policy_loss import LossTotals, policy_loss
     from steer.models.loader import DTYPES, enable_activation_checkpointing
 
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ def main() -> None:
 
     durations: list[float] = []
     original_step = RLVRModule.training_step
-    original_reuse = RLVRModule.reuses_update_logprobs
+    original_reuse = RLVRModule.reuse_update_logprobs
 
     def timed(self, batch, batch_idx):
         start = time.perf_counter()
@@ -67,7 +67,7 @@ def main() -> None:
     print(f"load average before {os.getloadavg()}", flush=True)
     for repeat in range(args.repeats):
         for kind in (("reuse", "full") if repeat % 2 == 0 else ("full", "reuse")):
-            RLVRModule.reuses_update_logprobs = original_reuse if kind == "reuse" else property(lambda self: False)
+            RLVRModule.reuse_update_logprobs = original_reuse if kind == "reuse" else property(lambda self: False)
             durations.clear()
             with tempfile.TemporaryDirectory() as folder:
                 metrics = train(compose([*workload, f"algorithm.steps={args.steps}", f"threads={args.threads}"], Path(folder)))

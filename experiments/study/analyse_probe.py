@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from steer.algo import entropy_dynamics as ed  # noqa: E402
+from steer.probe import entropy_dynamics as ed  # noqa: E402
 
 RUN = re.compile(r"^\d+_(?P<arm>.+)_seed(?P<seed>\d+)$")
 STATS = ("pearson", "spearman", "sign_agreement", "pearson_top10", "sign_agreement_top10")

@@ -6,7 +6,7 @@
 Times, interleaved (A B C A B C ...) in one process so that the machine's load hits all alike: the
 probe's forward of the probed sequences (default SDPA kernel, what ``probe/parameter_space/
 forward_ratio`` divides by), the same forward on the math SDPA backend (what the JVP must use), and
-the JVP itself (``steer.algo.entropy_dynamics.parameter_space_entropy_change``). Prints medians,
+the JVP itself (``steer.probe.entropy_dynamics.parameter_space_entropy_change``). Prints medians,
 ratios and the load average. The JVP's cost does not depend on the tangent's values, so the update
 is a random direction.
 """
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from steer.algo import entropy_dynamics as ed  # noqa: E402
+from steer.probe import entropy_dynamics as ed  # noqa: E402
 from steer.algo.logprobs import response_logprobs_and_entropy  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Composition: a resolved Hydra config in, a trained policy and a summary out.
+"""Composition: a resolved Hydra config in, a trained policy and a summary out (``mode=train``), or
+one evaluation of a policy on the benchmarks (``mode=eval``, :func:`evaluate`).
 
 Order matters for the user: everything that can be wrong in the config is checked (schemas,
 interventions' own argument checks, the reward) before any model is built or warmed up.
@@ -6,6 +7,7 @@ interventions' own argument checks, the reward) before any model is built or war
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -14,19 +16,24 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
-from steer.callbacks.evaluation import Benchmark, EvaluationCallback
 from steer.callbacks.summary import SummaryCallback
 from steer.callbacks.threads import ThreadGovernor, busy_cores, threads_for
-from steer.checkpointing import read_resume_info, skip_logged_steps
-from steer.config import ConfigError, check_config, check_data, check_prompts_fit
+from steer.checkpointing import load_checkpoint_policy, read_resume_info, skip_logged_steps
+from steer.data.checks import check_data
 from steer.data.datamodule import PromptDataModule
+from steer.data.prompts import check_prompts_fit
+from steer.eval.benchmarks import Benchmark, EvaluationCallback, print_results
+from steer.knobs import ConfigError
 from steer.models.loader import load_policy, load_policy_tokenizer
 from steer.models.precision import lightning_precision
 from steer.module import RLVRModule
 from steer.rewards.base import score_safely
 from steer.rollout.base import SamplingParams
+from steer.startup import check_config
 from steer.tracking import tracked_run
 
 log = logging.getLogger(__name__)
@@ -96,8 +103,6 @@ def build_benchmarks(cfg: DictConfig) -> list[Benchmark]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """What ``src/run.py`` calls: ``mode=train`` (default) or ``mode=eval`` (benchmarks only)."""
     if cfg.get("mode", "train") == "eval":
-        from steer.evaluate import evaluate
-
         return evaluate(cfg)
     if cfg.get("mode", "train") != "train":
         raise ConfigError(f"mode={cfg.mode!r} is not valid; choose one of ['eval', 'train']")
@@ -228,3 +233,47 @@ def _flat_params(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate the configured policy on ``eval.benchmarks``; returns ``{eval/<benchmark>/<metric>: value}``."""
+    module, _ = build_module(cfg)
+    if cfg.get("checkpoint"):
+        try:
+            load_checkpoint_policy(module.policy, cfg.checkpoint)
+        except ValueError as error:  # not our checkpoint, or another architecture than model.*
+            raise ConfigError(f"checkpoint: {error}") from None
+        log.info("loaded policy weights from %s", cfg.checkpoint)
+    module.to(_device(cfg))
+    evaluation = build_evaluation(cfg)
+    logger = build_logger(cfg)
+    with tracked_run(logger):  # the MLflow run exists: it must end FINISHED/FAILED/KILLED
+        try:
+            results = evaluation.run(module, loggers=[logger] if logger else [])
+        finally:
+            evaluation.close()
+
+        output = Path(cfg.output_dir) / "eval_results.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "checkpoint": cfg.get("checkpoint"),
+            "seed": cfg.seed,
+            "benchmarks": {r.benchmark: {"metrics": r.metrics, "settings": r.extra, "seconds": r.seconds}
+                           for r in results},
+        }
+        output.write_text(json.dumps(summary, indent=2))
+        if logger:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_artifact(logger.run_id, str(output))
+            logger.finalize("success")
+    name = cfg.get("checkpoint") or cfg.model.path or "the embedded tiny model"
+    print_results(results, title=f"Evaluation of {name}")
+    Console().print(f"results: {output}")
+    return {f"eval/{r.benchmark}/{key}": value for r in results for key, value in r.metrics.items()}

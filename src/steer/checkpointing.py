@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
+from steer.knobs import ConfigError, select
 from steer.paths import CHECKPOINT_DIR, LAST  # noqa: F401  (where checkpoints live; imported from here too)
 
 log = logging.getLogger(__name__)
@@ -108,3 +110,35 @@ def skip_logged_steps(logger, first_step: int) -> None:
             log_metrics(fresh, step)
 
     logger.log_metrics = log_new_metrics
+
+
+def check_checkpoint(cfg: DictConfig) -> None:
+    """``checkpoint`` (``mode=eval``): the Lightning checkpoint whose policy weights are evaluated exists."""
+    checkpoint = select(cfg, "checkpoint")
+    if checkpoint and not Path(str(checkpoint)).expanduser().is_file():
+        raise ConfigError(f"checkpoint={str(checkpoint)!r} is not an existing file; allowed: a .ckpt file written by a "
+                          "training run (e.g. outputs/<run>/checkpoints/last.ckpt), or null for model.path's weights")
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``resume``: the checkpoint a killed run continues from exists (src/run.py turns a run folder
+    into its ``checkpoints/last.ckpt`` before composing)."""
+    resume = select(cfg, "resume")
+    if resume and not Path(str(resume)).expanduser().is_file():
+        raise ConfigError(f"resume={str(resume)!r}: no such checkpoint file; allowed: a run folder or its "
+                          "checkpoints/last.ckpt, or null")
+
+
+def load_checkpoint_policy(policy: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load the ``policy.`` weights of a Lightning checkpoint of our module into ``policy``."""
+    state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=False)
+    weights = {key[len("policy."):]: value for key, value in state.get("state_dict", state).items()
+               if key.startswith("policy.")}
+    if not weights:
+        raise ValueError(f"checkpoint {checkpoint} holds no 'policy.' weights (not a checkpoint of RLVRModule?)")
+    missing, unexpected = policy.load_state_dict(weights, strict=False)
+    # Tied output embeddings may be saved once; anything else missing means another architecture.
+    missing = [key for key in missing if key != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {checkpoint} does not fit model.*: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")

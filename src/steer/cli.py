@@ -7,7 +7,7 @@
   an unknown preset name, and a ``hydra.run.dir`` that cannot be created.
 - :func:`resume_or_exit` turns ``resume=<run folder or .ckpt>`` into the saved run's own overrides,
   its run folder and the checkpoint (exact resume; docs/configuration.md).
-- :func:`run_task` is the Hydra task: it runs the job and turns a :class:`~steer.config.ConfigError`
+- :func:`run_task` is the Hydra task: it runs the job and turns a :class:`~steer.knobs.ConfigError`
   (raised by the start-up checks before any model, MLflow run or output file exists) into one
   line on stderr and exit code 2, after removing the run folder Hydra had just created when it
   holds nothing but Hydra's own files.
@@ -18,17 +18,16 @@ reports composition errors itself there; start-up errors are still one line and 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterable
 
 import yaml
 
+from steer.knobs import ConfigError, config_knobs, suggest_knobs
 from steer.paths import CHECKPOINT_DIR, LAST, unwritable_folder
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,7 @@ def resume_or_exit(argv: list[str]) -> list[str]:
     """``argv`` with ``resume=<run folder or .ckpt>`` rewritten by :func:`resume_arguments`; a bad
     ``resume=`` exits with one line on stderr (status 2)."""
     if not any(_override_key(arg) == "resume" for arg in argv):
-        return argv  # the usual start: no import of the config module (and torch) here
-    from steer.config import ConfigError
-
+        return argv
     try:
         return resume_arguments(argv)
     except ConfigError as error:
@@ -66,8 +63,6 @@ def resolve_resume(target: str | Path) -> tuple[Path, Path]:
     A folder means its ``checkpoints/last.ckpt``; a file's run folder is the nearest folder above it
     holding Hydra's ``.hydra/`` record.
     """
-    from steer.config import ConfigError
-
     target = Path(target).expanduser().resolve()
     if target.is_dir():
         folder, checkpoint = target, target / CHECKPOINT_DIR / LAST
@@ -90,8 +85,6 @@ def resume_arguments(arguments: list[str]) -> list[str]:
     resume = [a for a in arguments if _override_key(a) == "resume"]
     if not resume or resume[-1].split("=", 1)[1] in ("", "null", "None"):
         return arguments
-    from steer.config import ConfigError
-
     folder, checkpoint = resolve_resume(resume[-1].split("=", 1)[1])
     if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in arguments):
         raise ConfigError("resume= continues one run in its own folder: drop -m/--multirun and hydra.run.dir")
@@ -169,32 +162,6 @@ def _override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
-def config_knobs(cfg: Any, prefix: str = "") -> Iterable[str]:
-    """Every dotted key of ``cfg`` (nodes and leaves), without resolving interpolations."""
-    from omegaconf import DictConfig
-
-    if not isinstance(cfg, DictConfig):
-        return
-    for key in cfg.keys():
-        name = f"{prefix}{key}"
-        yield name
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig):
-            yield from config_knobs(node, f"{name}.")
-
-
-def suggest_knobs(key: str, knobs: list[str], limit: int = 3) -> list[str]:
-    """Knobs the user probably meant by ``key``: the same last name elsewhere (``rollout.n`` ->
-    ``algorithm.n``), else close spellings of the whole key (``rollout.temprature``)."""
-    leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [knob for knob in knobs if knob.rsplit(".", 1)[-1] == leaf and knob != key]
-    same_leaf.sort(key=lambda knob: (knob.count("."), knob))  # the shallowest first: algorithm.n before eval.x.y.n
-    if same_leaf:
-        return same_leaf[:limit]
-    candidates = [knob for knob in knobs if not key.startswith(knob + ".")]  # not the key's own sections
-    return difflib.get_close_matches(key, candidates, n=limit, cutoff=0.8)
-
-
 def section_knobs(key: str, knobs: list[str]) -> list[str]:
     """The knobs directly under ``key``'s section (``algorithm.learning_rate`` -> algorithm's)."""
     section = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -244,8 +211,6 @@ def quiet_dependencies() -> None:
 def run_task(cfg) -> dict[str, float]:
     """The Hydra task of ``src/run.py``: :func:`steer.app.run`, with start-up errors as one line."""
     from steer.app import run
-    from steer.config import ConfigError
-
     quiet_dependencies()
     try:
         return run(cfg)

@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from steer.knobs import ConfigError
 
 
 def distributed() -> bool:
@@ -70,3 +73,79 @@ def sum_over_ranks(*values: float, device: torch.device | str = "cpu") -> list[f
 
 def min_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
     return int(all_reduce(torch.tensor([value], dtype=torch.int64, device=device), "min").item())
+
+
+def configured_ranks(trainer: Any) -> int | None:
+    """``devices x num_nodes`` of a trainer config, or None when ``devices`` is ``auto`` / ``-1``."""
+    devices = trainer.get("devices", 1) if trainer is not None else 1
+    nodes = int(trainer.get("num_nodes", 1) or 1) if trainer is not None else 1
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices) * nodes
+    return None
+
+
+def check_world_size(algorithm: Any, ranks: int) -> None:
+    """Each rank takes ``minibatch_prompts / ranks`` whole prompts of every mini-batch (the batch
+    knobs are global), so the number of ranks must divide ``minibatch_prompts``."""
+    if ranks <= 1:
+        return
+    if algorithm.minibatch_prompts % ranks:
+        raise ConfigError(
+            f"algorithm.minibatch_prompts={algorithm.minibatch_prompts} (global: all ranks together) must be "
+            f"divisible by the {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): each rank "
+            "takes an equal share of whole prompts of every mini-batch"
+        )
+    sequences = algorithm.minibatch_prompts // ranks * algorithm.n
+    if algorithm.micro_batch_size is not None and sequences % algorithm.micro_batch_size:
+        raise ConfigError(
+            f"algorithm.micro_batch_size={algorithm.micro_batch_size} must divide each rank's share of a "
+            f"mini-batch: minibatch_prompts / ranks * n = {algorithm.minibatch_prompts} / {ranks} * {algorithm.n} "
+            f"= {sequences} sequences"
+        )
+
+
+def _global_scope_components(cfg: DictConfig) -> list[str]:
+    components = (cfg.get("intervention") or {}).get("components") or {}
+    return [f"intervention.components.{key}" for key, spec in components.items() if spec and spec.get("scope") == "global"]
+
+
+def _in_hydra_sweep() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        mode = HydraConfig.get().mode
+    except (ImportError, ValueError):  # composed without @hydra.main
+        return False
+    return mode is not None and mode.name == "MULTIRUN"
+
+
+def check_data_parallel(cfg: DictConfig, algorithm: Any, environ: Any = None) -> None:
+    """Start-up checks of a multi-process run: rank divisibility, a sweep over several ranks, and
+    processes that a launcher started without a data-parallel trainer (no process group would
+    join them). FSDP's own needs are :func:`steer.models.sharding.check_fsdp`'s."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    trainer = cfg.get("trainer")
+    ranks = configured_ranks(trainer)
+    if ranks is not None:
+        check_world_size(algorithm, ranks)
+    if ranks is not None and ranks > 1 and _in_hydra_sweep():
+        raise ConfigError(
+            f"a sweep (-m) with {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes): Lightning starts "
+            "the other ranks by re-running the command, which cannot re-enter a Hydra sweep; run one command per "
+            "sweep point (README: Several GPUs and nodes)"
+        )
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and ranks == 1:
+        scoped = _global_scope_components(cfg)
+        detail = (f"; {', '.join(scoped)} has scope: global, which needs a process group over all ranks" if scoped else "")
+        raise ConfigError(
+            f"the launcher started WORLD_SIZE={launched} processes but trainer.devices x trainer.num_nodes = 1, "
+            f"so no process group joins them and each would train alone on the same prompts{detail}; "
+            f"use trainer=ddp trainer.devices=<processes per node> trainer.num_nodes=<nodes>"
+        )

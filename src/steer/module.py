@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +23,20 @@ import torch
 
 from steer.algo.advantages import group_advantages
 from steer.algo.aggregation import masked_mean
-from steer.algo.interventions.base import Intervention, PolicyTokens
-from steer.algo.kl import ReferenceKLPenalty
+from steer.algo.interventions import assemble_interventions
+from steer.algo.interventions.base import ClipConfig, Intervention
+from steer.algo.interventions.rollout_correction import mismatch_statistics
 from steer.algo.logprobs import response_logprobs_and_entropy
-from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss
-from steer.algo.rollout_correction import RolloutCorrection, mismatch_statistics
+from steer.algo.policy_loss import LossTotals, begin_minibatch, policy_loss
 from steer.checkpointing import CHECKPOINT_DIR, collect_rng_states, restore_rng_states, save_atomically
-from steer.config import AlgorithmConfig, check_world_size
-from steer.data.records import PromptRecord
-from steer.distributed import gather_objects, min_over_ranks, sum_over_ranks
-from steer.rewards.base import Reward, score_safely
+from steer.config import AlgorithmConfig
+from steer.data.records import PromptBatch
+from steer.distributed import check_world_size, gather_objects, min_over_ranks, sum_over_ranks
+from steer.observers import StepContext, StepObserver
+from steer.optimizer import adamw_implementation
+from steer.rewards.base import Reward, RewardOutput, score_safely
 from steer.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from steer.step_metrics import MetricAccumulator, PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -44,129 +46,13 @@ class NonFiniteError(RuntimeError):
 
 
 @dataclass
-class PromptBatch:
-    """What the DataModule yields: records and their prompt token ids."""
+class AccumulatedGradients:
+    """What one mini-batch's forward and backward leave for its optimiser step (:meth:`RLVRModule._apply_gradients`)."""
 
-    records: list[PromptRecord]
-    prompt_ids: list[list[int]]
-    dropped: int = 0
-    """Prompts of this batch dropped for being longer than ``rollout.max_prompt_length``."""
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase of a step (``time/<phase>_s``)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[f"time/{phase}_s"] = self.seconds.get(f"time/{phase}_s", 0.0) + time.perf_counter() - start
-
-
-SUMMED_SUFFIXES = ("_count", "/tokens", "_sum")
-
-
-class MetricMean:
-    """Weighted means of metrics over micro-batches, optimiser steps and ranks.
-
-    ``add(metrics, weight)`` accumulates weighted means (e.g. token-weighted); counts and sums
-    (keys ending in ``_count``, ``/tokens`` or ``_sum``) and keys added with ``how="sum"`` add up;
-    ``how="max"`` keeps the largest value.
-    :meth:`reduce_over_ranks` combines every rank's accumulator the same way (one collective), so a
-    data-parallel run reports what one process would over the same global batch.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-        self.kinds: dict[str, str] = {}
-
-    def add(self, metrics: dict[str, torch.Tensor | float], weight: float = 1.0, how: str = "mean") -> None:
-        for key, value in metrics.items():
-            kind = "sum" if key.endswith(SUMMED_SUFFIXES) else how  # counts add up over micro-batches and ranks
-            self._combine(key, kind, float(value) * weight if kind == "mean" else float(value), weight)
-
-    def _combine(self, key: str, kind: str, value: float, weight: float) -> None:
-        self.kinds[key] = kind
-        if kind == "max":
-            self.sums[key] = max(self.sums.get(key, -float("inf")), value)
-            self.weights[key] = 1.0
-        elif kind == "sum":
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.weights[key] = 1.0
-        else:
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.weights[key] = self.weights.get(key, 0.0) + weight
-
-    def reduce_over_ranks(self) -> "MetricMean":
-        """This accumulator combined over all ranks (itself in one process); every rank gets the result."""
-        gathered = gather_objects((self.sums, self.weights, self.kinds))
-        if len(gathered) == 1:
-            return self
-        reduced = MetricMean()
-        for sums, weights, kinds in gathered:
-            for key, value in sums.items():
-                reduced._combine(key, kinds[key], value, weights[key])
-        return reduced
-
-    def result(self) -> dict[str, float]:
-        return {key: total / max(self.weights[key], 1e-12) for key, total in self.sums.items()}
-
-
-@dataclass
-class StepContext:
-    """What observers (e.g. the entropy-dynamics probe) see of one RL step, all on the module's device."""
-
-    step: int
-    batch: PromptBatch
-    rollout: RolloutBatch
-    rewards: torch.Tensor
-    """``[num_prompts, n]``."""
-    advantages: torch.Tensor
-    """``[B, 1]``, one per response."""
-    old_logprobs: torch.Tensor
-    """``[B, R]`` log pi_old of the sampled tokens (0 on padding)."""
-    old_entropy: torch.Tensor
-    """``[B, R]`` entropy of pi_old (0 on padding)."""
-    metrics: dict[str, float]
-    """Observers add their metrics here; they are published with the step's metrics."""
-
-
-class StepObserver:
-    """Hooks into the RL step for instruments that must see the update itself (register with
-    ``module.observers.append``). Both hooks run without gradient.
-
-    ``before_update`` runs once per RL step, when the old log-probs and entropies of every row are
-    complete and the weights are still pi_old's: after the first mini-batch's forward and backward
-    (its gradients may be accumulated, see :attr:`RLVRModule.reuses_update_logprobs`) and before
-    its optimiser step. ``after_optimizer_step`` runs after each optimiser step."""
-
-    def before_update(self, module: "RLVRModule", context: StepContext) -> None: ...
-
-    def after_optimizer_step(self, module: "RLVRModule", context: StepContext, rows: torch.Tensor, index: int) -> None: ...
-
-
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
-"""Device types with a fused AdamW kernel in torch >= 2.4 (one kernel per step over all tensors)."""
-
-
-def adamw_implementation(parameters: Sequence[torch.Tensor]) -> dict[str, bool]:
-    """``fused=True`` for :class:`torch.optim.AdamW` where torch has a fused kernel for these
-    parameters (plain float tensors of one device type in :data:`FUSED_ADAMW_DEVICES`), else ``{}``
-    (torch's default loop). FSDP's sharded parameters (DTensor) keep the default: the fused kernel
-    takes plain tensors only. The same arithmetic as the loop, in one pass over the tensors."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        DTensor = ()
-    devices = {p.device.type for p in parameters}
-    plain = all(not isinstance(p, DTensor) and p.is_floating_point() for p in parameters)
-    if parameters and plain and len(devices) == 1 and devices <= set(FUSED_ADAMW_DEVICES):
-        return {"fused": True}
-    return {}
+    metrics: MetricAccumulator
+    """The micro-batches' loss metrics, token-weighted."""
+    loss_sum: torch.Tensor
+    """The summed (detached) loss of the micro-batches: a non-finite one skips the optimiser step."""
 
 
 class RLVRModule(L.LightningModule):
@@ -189,16 +75,12 @@ class RLVRModule(L.LightningModule):
         self.algorithm = algorithm
         self.sampling = sampling
         self.clip = ClipConfig(algorithm.clip.low, algorithm.clip.high, algorithm.clip.dual)
-        self.interventions = list(interventions)
+        # The configured interventions, then the KL penalty and the rollout correction when they are on.
+        self.interventions = assemble_interventions(interventions, algorithm)
         # The reference model exists only when the KL penalty is on: it costs a model's memory.
         self.reference: torch.nn.Module | None = None
         if algorithm.kl.coef > 0:
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-            self.interventions.append(ReferenceKLPenalty(algorithm.kl.coef, algorithm.kl.estimator))
-        if algorithm.rollout_correction != "none":  # sampler/trainer mismatch (see algo/rollout_correction.py)
-            self.interventions.append(
-                RolloutCorrection(algorithm.rollout_correction, algorithm.rollout_correction_cap, algorithm.rollout_correction_threshold)
-            )
         self.observers: list[StepObserver] = []
         self.rl_step = 0
         self._warned_on_policy = False
@@ -232,7 +114,7 @@ class RLVRModule(L.LightningModule):
         batch = self._same_prompt_count_on_every_rank(batch)
         if not batch.prompt_ids:
             log.warning("step %d: every prompt of the batch was dropped (too long); no update", self.rl_step)
-            empty = MetricMean()
+            empty = MetricAccumulator()
             empty.add({"batch/prompts": 0.0, "batch/dropped_prompts": float(batch.dropped)}, how="sum")
             self._finish_step(empty.reduce_over_ranks().result())
             return
@@ -255,43 +137,56 @@ class RLVRModule(L.LightningModule):
 
         # 4. Log-probs and entropy of pi_old (and pi_ref) at every sampled token, no gradient. The first
         #    mini-batch's forward in phase 5 runs on pi_old itself, so it fills in their values (see
-        #    reuses_update_logprobs) and only the other mini-batches' policy values are scored here.
-        reuse = self.reuses_update_logprobs
+        #    reuse_update_logprobs) and only the other mini-batches' policy values are scored here.
+        reuse_update_logprobs = self.reuse_update_logprobs
         with timer("old_logprobs"):
-            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout, skip_first_minibatch=reuse)
+            old_logprobs, old_entropy, ref_logprobs = self._score_without_grad(rollout, reuse_update_logprobs)
 
-        context = StepContext(self.rl_step, batch, rollout, rewards, advantages, old_logprobs, old_entropy, {})
+        context = StepContext(
+            step=self.rl_step, batch=batch, rollout=rollout, rewards=rewards, advantages=advantages,
+            old_logprobs=old_logprobs, old_entropy=old_entropy, metrics={}, ref_logprobs=ref_logprobs,
+        )
 
         def before_update() -> None:  # once the old values are complete, before the weights change
             with timer("observers"), torch.no_grad():
                 for observer in self.observers:
                     observer.before_update(self, context)
 
-        if not reuse:
+        if not reuse_update_logprobs:
             before_update()
 
         # 5. Policy update: mini-batches of whole groups, micro-batches for memory.
-        update_metrics, index = MetricMean(), 0
+        update_metrics, index = MetricAccumulator(), 0
         for _ in range(algo.epochs):
-            for rows in self._minibatch_rows(rollout.response_ids.shape[0]):
-                fill_old = reuse and index == 0
+            for rows in self.minibatch_rows(rollout.response_ids.shape[0]):
+                reuse_here = reuse_update_logprobs and index == 0  # this mini-batch's forward supplies its old values
                 with timer("update"):
-                    accumulated = self._accumulate_gradients(rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old)
-                if fill_old:
+                    accumulated = self._accumulate_gradients(context, rows, reuse_update_logprobs=reuse_here)
+                if reuse_here:
                     before_update()
                 with timer("update"):
-                    step_metrics = self._apply_gradients(*accumulated)
+                    step_metrics = self._apply_gradients(accumulated)
                 update_metrics.add(step_metrics, weight=1.0)
                 with timer("observers"), torch.no_grad():
                     for observer in self.observers:
                         observer.after_optimizer_step(self, context, rows, index)
                 index += 1
 
-        # 6. Metrics of this RL step, reduced over ranks (the update's already are): means weighted by
-        #    samples, tokens or prompts, counts summed, maxima and phase times (the slowest rank) maximised.
+        # 6. Metrics of this RL step, reduced over ranks (the update's already are).
+        metrics = self._step_metrics(context, scored, timer)
+        reduced = {**update_metrics.result(), **metrics.reduce_over_ranks().result()}
+        for intervention in self.interventions:  # every rank sees the same reduced metrics: controllers stay in step
+            intervention.after_rl_step(reduced)
+        self._finish_step(reduced)
+
+    def _step_metrics(self, context: StepContext, scored: RewardOutput, timer: PhaseTimer) -> MetricAccumulator:
+        """This rank's metrics of the RL step, before the reduction over ranks: means weighted by samples,
+        tokens or prompts, counts summed, maxima and phase times (the slowest rank) maximised."""
+        rollout, rewards, batch = context.rollout, context.rewards, context.batch
+        old_logprobs, old_entropy, advantages = context.old_logprobs, context.old_entropy, context.advantages
         mask = rollout.response_mask
         samples, tokens, prompts = float(mask.shape[0]), float(mask.sum()), float(len(batch.prompt_ids))
-        metrics = MetricMean()
+        metrics = MetricAccumulator()
         metrics.add({**context.metrics, **self._ratio_inert_metric()})
         metrics.add(timer.seconds, how="max")
         metrics.add({"response/length_max": rollout.response_lengths.max().item()}, how="max")
@@ -326,10 +221,7 @@ class RLVRModule(L.LightningModule):
             how="sum",
         )
         metrics.add({"batch/optimizer_steps": float(self.optimizer_steps_per_batch)})
-        reduced = {**update_metrics.result(), **metrics.reduce_over_ranks().result()}
-        for intervention in self.interventions:  # every rank sees the same reduced metrics: controllers stay in step
-            intervention.after_rl_step(reduced)
-        self._finish_step(reduced)
+        return metrics
 
     def _finish_step(self, metrics: dict[str, float]) -> None:
         self._publish(metrics)
@@ -337,14 +229,17 @@ class RLVRModule(L.LightningModule):
         if self.rl_step >= self.algorithm.steps:
             self.trainer.should_stop = True
 
-    def _accumulate_gradients(self, rollout, rows, advantages, old_logprobs, old_entropy, ref_logprobs, fill_old: bool = False):
+    def _accumulate_gradients(
+        self, context: StepContext, rows: torch.Tensor, reuse_update_logprobs: bool = False
+    ) -> AccumulatedGradients:
         """Forward and backward of the sequences ``rows`` of the rollout batch (this rank's share of
         the mini-batch), micro-batch by micro-batch, the loss normalised by the mini-batch totals over
         all ranks; returns what :meth:`_apply_gradients` needs (the metrics and the summed loss).
 
-        ``fill_old`` (see :attr:`reuses_update_logprobs`): the rows' ``old_logprobs``/``old_entropy``
-        are still zeros; each micro-batch's forward writes its detached values into them before they are read."""
-        algo = self.algorithm
+        ``reuse_update_logprobs`` (see :attr:`reuse_update_logprobs`): the rows' ``context.old_logprobs``
+        and ``context.old_entropy`` are still zeros; each micro-batch's forward writes its detached
+        values into them before they are read."""
+        rollout = context.rollout
         optimizer = self.optimizers()
         mask = rollout.response_mask[rows]
         tokens_all, sequences_all = sum_over_ranks(float(mask.sum().item()), float(len(rows)), device=self.device)
@@ -360,38 +255,36 @@ class RLVRModule(L.LightningModule):
         if any(intervention.needs_minibatch_pass for intervention in self.interventions):
             with torch.no_grad():
                 logprobs, entropy = self.logprobs_and_entropy(rollout, rows, width)
-                whole = self._tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask, rollout.sampling_logprobs)
+                whole = context.policy_tokens(rows, logprobs, entropy)
             begin_minibatch(whole, self.clip, self.interventions)
 
         optimizer.zero_grad(set_to_none=True)
-        micro_size = algo.micro_batch_size or len(rows)
-        metrics, loss_sum = MetricMean(), torch.zeros((), device=self.device)
-        for start in range(0, len(rows), micro_size):
-            micro = rows[start : start + micro_size]
+        metrics, loss_sum = MetricAccumulator(), torch.zeros((), device=self.device)
+        for part in self.microbatch_slices(len(rows)):
+            micro = rows[part]
             logprobs, entropy = self.logprobs_and_entropy(rollout, micro, width)
-            if fill_old:  # the values phase 4 would have computed: same weights, same rows, same width
-                micro_mask = mask[start : start + micro_size, :width]
-                old_logprobs[micro, :width] = logprobs.detach() * micro_mask
-                old_entropy[micro, :width] = entropy.detach() * micro_mask
-            tokens = self._tokens(
-                micro, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask[start : start + micro_size], rollout.sampling_logprobs
-            )
-            loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, algo.loss_aggregation, totals)
+            if reuse_update_logprobs:  # the values phase 4 would have computed: same weights, same rows, same width
+                micro_mask = mask[part, :width]
+                context.old_logprobs[micro, :width] = logprobs.detach() * micro_mask
+                context.old_entropy[micro, :width] = entropy.detach() * micro_mask
+            tokens = context.policy_tokens(micro, logprobs, entropy)
+            loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, self.algorithm.loss_aggregation, totals)
             # The strategy (DDP/FSDP) averages the ranks' gradients in the last micro-batch's backward
             # (the others accumulate locally), so then every rank holds the global mini-batch gradient.
-            with self._gradient_sync(start + micro_size >= len(rows)):
+            with self._gradient_sync(part.stop >= len(rows)):
                 self.manual_backward(loss)
             loss_sum += loss.detach()
             micro_tokens = max(float(tokens.mask.sum()), 1.0)
             micro_metrics["actor/policy_loss"] = loss.detach() / totals.data_parallel_size * totals.tokens / micro_tokens
             metrics.add(micro_metrics, weight=float(tokens.mask.sum()))
-        return metrics, loss_sum
+        return AccumulatedGradients(metrics, loss_sum)
 
-    def _apply_gradients(self, metrics: MetricMean, loss_sum: torch.Tensor) -> dict[str, float]:
+    def _apply_gradients(self, accumulated: AccumulatedGradients) -> dict[str, float]:
         """Clip the accumulated gradients and take the optimiser step (skipped when the loss or the
         gradient norm is not finite); returns the optimiser step's metrics."""
         algo, optimizer = self.algorithm, self.optimizers()
         grad_norm = self._clip_gradients(algo.grad_clip if algo.grad_clip > 0 else float("inf"))
+        loss_sum = accumulated.loss_sum
         finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)  # every rank skips, or none
         if finite:
@@ -401,7 +294,7 @@ class RLVRModule(L.LightningModule):
         else:
             optimizer.zero_grad(set_to_none=True)
             self._skip_nonfinite(float(loss_sum), float(grad_norm))
-        result = metrics.reduce_over_ranks().result()
+        result = accumulated.metrics.reduce_over_ranks().result()
         result["actor/grad_norm"] = float(grad_norm)
         result["actor/lr"] = optimizer.param_groups[0]["lr"]
         result["actor/nonfinite_skip_count"] = float(not finite)
@@ -468,10 +361,16 @@ class RLVRModule(L.LightningModule):
         """Sequences of this rank's share of one mini-batch (``minibatch_prompts`` is global)."""
         return self.algorithm.minibatch_prompts // self.data_parallel_size * self.sampling.n
 
-    def _minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
+    def minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
         """Row indices of each mini-batch (this rank's share); whole groups stay together."""
         size = self.minibatch_sequences
         return [torch.arange(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+    def microbatch_slices(self, num_rows: int) -> list[slice]:
+        """The micro-batches of a mini-batch of ``num_rows`` rows, as slices of its rows
+        (``algorithm.micro_batch_size`` rows each; the whole mini-batch when it is unset)."""
+        size = self.algorithm.micro_batch_size or num_rows
+        return [slice(start, start + size) for start in range(0, num_rows, size)]
 
     def logprobs_and_entropy(
         self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None
@@ -493,7 +392,7 @@ class RLVRModule(L.LightningModule):
         )
 
     @property
-    def reuses_update_logprobs(self) -> bool:
+    def reuse_update_logprobs(self) -> bool:
         """Whether the first mini-batch's old log-probs and entropies come from the update's forward
         (the phase-4 pass then scores only the other mini-batches; with one optimiser step per batch
         it is skipped, as TRL's GRPOTrainer does).
@@ -506,10 +405,10 @@ class RLVRModule(L.LightningModule):
         """
         return not any(intervention.needs_minibatch_pass for intervention in self.interventions)
 
-    def _score_without_grad(self, rollout: RolloutBatch, skip_first_minibatch: bool = False):
+    def _score_without_grad(self, rollout: RolloutBatch, reuse_update_logprobs: bool = False):
         """``(old_logprobs, old_entropy, ref_logprobs)``, each ``[B, R]`` and 0 on padding (``ref``:
-        None without a reference model). ``skip_first_minibatch``: the policy's values of the first
-        mini-batch's rows stay zeros (its update forward fills them in, see :attr:`reuses_update_logprobs`)."""
+        None without a reference model). ``reuse_update_logprobs``: the policy's values of the first
+        mini-batch's rows stay zeros (its update forward fills them in, see :attr:`reuse_update_logprobs`)."""
         num_rows, width = rollout.response_ids.shape
         size = self.algorithm.micro_batch_size or self.minibatch_sequences
 
@@ -522,27 +421,13 @@ class RLVRModule(L.LightningModule):
         old_entropy = torch.zeros_like(old_logprobs)
         ref_logprobs = torch.zeros_like(old_logprobs) if self.reference is not None else None
         with torch.no_grad():
-            for rows, row_width in chunks(min(self.minibatch_sequences, num_rows) if skip_first_minibatch else 0):
+            for rows, row_width in chunks(min(self.minibatch_sequences, num_rows) if reuse_update_logprobs else 0):
                 old_logprobs[rows, :row_width], old_entropy[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width)
             if ref_logprobs is not None:
                 for rows, row_width in chunks(0):
                     ref_logprobs[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0]
         mask = rollout.response_mask
         return old_logprobs * mask, old_entropy * mask, None if ref_logprobs is None else ref_logprobs * mask
-
-    @staticmethod
-    def _tokens(rows, logprobs, entropy, advantages, old_logprobs, old_entropy, ref_logprobs, mask, sampler_logprobs=None) -> PolicyTokens:
-        width = logprobs.shape[1]
-        return PolicyTokens(
-            logprobs=logprobs,
-            entropy=entropy,
-            old_logprobs=old_logprobs[rows, :width],
-            old_entropy=old_entropy[rows, :width],
-            advantages=advantages[rows].expand(-1, width),
-            mask=mask[:, :width],
-            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :width],
-            sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :width],
-        )
 
     def _ratio_inert_metric(self) -> dict[str, float]:
         ratio_based = [i.name for i in self.interventions if i.uses_ratio]

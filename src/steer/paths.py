@@ -1,4 +1,4 @@
-"""Path checks shared by the start-up validation (:mod:`steer.config`) and the command line
+"""Path checks shared by the start-up validation (:mod:`steer.knobs`) and the command line
 (:mod:`steer.cli`, which runs before torch is imported): standard library only."""
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -37,6 +38,9 @@ from urllib.parse import unquote, urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from steer.knobs import ConfigError, select, writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -275,3 +279,29 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+TRACKING_TIMEOUT_S = 3.0
+"""How long an http(s) ``logger.tracking_uri`` may take to accept a connection at start-up."""
+
+
+def check_logger(cfg: DictConfig) -> None:
+    """``logger.tracking_uri``: a sqlite store that can be written, or a server that answers."""
+    if not select(cfg, "logger") or "tracking_uri" not in cfg.logger:
+        return
+    uri = str(select(cfg, "logger.tracking_uri"))
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        database = str(store_path(uri) or "")
+        if not database or database in (".", ":memory:"):
+            raise ConfigError(f"logger.tracking_uri={uri!r} names no database file; allowed: sqlite:///PATH/mlflow.db")
+        writable_folder("logger.tracking_uri", Path(database).parent)
+    elif parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=TRACKING_TIMEOUT_S):
+                pass
+        except OSError as error:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: no tracking server answers at {parsed.hostname}:{port} "
+                              f"within {TRACKING_TIMEOUT_S:g} s ({error.strerror or error}); allowed: the URI of a running "
+                              "MLflow server, a sqlite:///PATH/mlflow.db store, or logger=none") from None

@@ -9,10 +9,10 @@ import torch
 
 from steer.algo.advantages import group_advantages
 from steer.algo.aggregation import aggregate
-from steer.algo.kl import kl_estimate
+from steer.algo.interventions.kl_penalty import kl_estimate
 from steer.algo.logprobs import chunked_logprobs_and_entropy, logprobs_and_entropy_from_logits
-from steer.algo.policy_loss import ClipConfig, LossTotals, policy_loss, ppo_token_loss
-from steer.algo.interventions.base import PolicyTokens
+from steer.algo.policy_loss import LossTotals, policy_loss, ppo_token_loss
+from steer.algo.interventions.base import ClipConfig, PolicyTokens
 from steer.rollout.base import left_pad, response_mask_from_ids
 
 

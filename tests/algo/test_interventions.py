@@ -31,7 +31,8 @@ from steer.algo.interventions import (
     SteerReweighting,
     WReinforce,
 )
-from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss, ppo_token_loss
+from steer.algo.interventions.base import ClipConfig
+from steer.algo.policy_loss import LossTotals, begin_minibatch, policy_loss, ppo_token_loss
 
 torch.set_num_threads(1)
 
@@ -497,56 +498,122 @@ def test_uses_ratio_flags() -> None:
 # ------------------------------------------------------------------------ composition
 
 
-def apply_hooks_in_sequence(tokens: PolicyTokens, clip: ClipConfig, interventions: list[Intervention]) -> torch.Tensor:
-    for intervention in interventions:
-        clip = intervention.adjust_clip(clip)
-    advantages = tokens.advantages
-    for intervention in interventions:
-        advantages = intervention.transform_advantages(advantages, tokens, {})
-    ppo = ppo_token_loss(tokens.logprobs, tokens.old_logprobs, advantages, clip)
-    per_token = ppo.loss
-    keep = torch.ones_like(tokens.mask)
-    penalty = torch.zeros_like(per_token)
-    for intervention in interventions:
-        weight = intervention.token_weights(tokens, ppo, {})
-        if weight is not None:
-            per_token = per_token * weight
-        mask = intervention.token_mask(tokens, ppo, {})
-        if mask is not None:
-            keep = keep & mask
-        extra = intervention.token_penalty(tokens, ppo, {})
-        if extra is not None:
-            penalty = penalty + extra
-    per_token = torch.where(keep, per_token, torch.zeros_like(per_token)) + penalty
-    return torch.where(tokens.mask, per_token, torch.zeros_like(per_token)).sum() / tokens.mask.sum()
+def reference_stacked_loss(t: dict, specs: list[dict], clip: dict = BASE_CLIP) -> float:
+    """Token-mean loss of the interventions ``specs`` stacked in order, from the formulas above and the
+    composition rule of ``steer.algo.interventions.base``: per valid token
+
+        keep * weight * ppo_loss(A', clip') + penalty
+
+    with ``clip'`` the bounds of the last clip-higher, ``A'`` the advantages after every entropy-aware
+    shaping in order, ``weight`` the product of the weights (STEER, W-REINFORCE), ``keep`` the
+    conjunction of the masks (Clip-Cov, fork tokens, KL-Cov) and ``penalty`` the sum of the penalties
+    (entropy bonus; KL-Cov's replacement of the tokens it selects, which no weight multiplies)."""
+    clip = dict(clip)
+    for spec in specs:
+        if spec["kind"] == "clip_higher":
+            clip.update(low=spec["low"], high=spec["high"])
+    valid = positions(t)
+    advantages = [row[:] for row in t["advantages"]]
+    for spec in specs:
+        if spec["kind"] == "entropy_adv":
+            for i, j in valid:
+                a = advantages[i][j]
+                advantages[i][j] = a + min(spec["alpha"] * t["entropy"][i][j], abs(a) / spec["kappa"])
+    weight = {key: 1.0 for key in valid}
+    keep = {key: True for key in valid}
+    penalty = {key: 0.0 for key in valid}
+    for spec in specs:
+        kind = spec["kind"]
+        if kind == "steer":
+            for key, value in ref_steer_weights(t, advantages, clip, **spec["args"]).items():
+                weight[key] *= value
+        elif kind == "w_reinforce":
+            for i, j in valid:
+                if advantages[i][j] > 0:
+                    weight[(i, j)] *= spec["lambda"]
+        elif kind == "entropy_bonus":
+            for i, j in valid:
+                penalty[(i, j)] -= spec["beta"] * t["entropy"][i][j]
+        elif kind == "clip_cov":
+            for key in ref_clip_cov_selection(t, advantages, clip, spec["ratio"], spec["low"], spec["high"], spec["seed"]):
+                keep[key] = False
+        elif kind == "fork_tokens":
+            threshold = ref_quantile([t["entropy"][i][j] for i, j in valid], 1 - spec["top"])
+            for i, j in valid:
+                keep[(i, j)] = keep[(i, j)] and t["entropy"][i][j] >= threshold
+        elif kind == "kl_cov":
+            for i, j in ref_kl_cov_selection(t, advantages, spec["ratio"]):
+                lp, olp = t["logprobs"][i][j], t["old_logprobs"][i][j]
+                _, unclipped, _, _ = ref_ppo(lp, olp, advantages[i][j], **clip)
+                keep[(i, j)] = False
+                penalty[(i, j)] += unclipped + spec["beta"] * abs(lp - olp)
+        elif kind != "clip_higher" and kind != "entropy_adv":
+            raise ValueError(kind)
+    total = 0.0
+    for i, j in valid:
+        loss = ref_ppo(t["logprobs"][i][j], t["old_logprobs"][i][j], advantages[i][j], **clip)[0]
+        total += (weight[(i, j)] * loss if keep[(i, j)] else 0.0) + penalty[(i, j)]
+    return total / max(len(valid), 1)
 
 
-def build_stack() -> list[Intervention]:
-    return [
-        ClipHigher(0.2, 0.28),
-        EntropyAdvantage(),
-        SteerReweighting(),
-        WReinforce(0.5),
-        ClipCov(ratio=0.2, omega_low=-5, omega_high=5, seed=4),
-        KLCov(ratio=0.1),
-        ForkTokens(0.6),
-        EntropyBonus(0.01),
-    ]
+STACK = [  # every hook kind, in the order the library applies them
+    (lambda: ClipHigher(0.1, 0.15), {"kind": "clip_higher", "low": 0.1, "high": 0.15}),
+    (lambda: EntropyAdvantage(0.4, 2.0), {"kind": "entropy_adv", "alpha": 0.4, "kappa": 2.0}),
+    (lambda: SteerReweighting(), {"kind": "steer", "args": {}}),
+    (lambda: WReinforce(0.5), {"kind": "w_reinforce", "lambda": 0.5}),
+    (lambda: ClipCov(ratio=0.2, omega_low=-5, omega_high=5, seed=4), {"kind": "clip_cov", "ratio": 0.2, "low": -5, "high": 5, "seed": 4}),
+    (lambda: KLCov(ratio=0.1, coefficient=1.0), {"kind": "kl_cov", "ratio": 0.1, "beta": 1.0}),
+    (lambda: ForkTokens(0.6), {"kind": "fork_tokens", "top": 0.6}),
+    (lambda: EntropyBonus(0.01), {"kind": "entropy_bonus", "beta": 0.01}),
+]
 
 
-def test_stacking_equals_hooks_in_sequence() -> None:
-    tokens = make_tokens("random", seed=13)
-    stacked, _ = policy_loss(tokens, ClipConfig(**BASE_CLIP), build_stack())
-    sequential = apply_hooks_in_sequence(tokens, ClipConfig(**BASE_CLIP), build_stack())
-    assert stacked.item() == pytest.approx(sequential.item(), rel=1e-6)
+@pytest.mark.parametrize("case", CASES)
+def test_stacked_interventions_match_float64_reference(case: str) -> None:
+    for seed in (0, 13):
+        tokens = make_tokens(case, seed)
+        stacked, _ = policy_loss(tokens, ClipConfig(**BASE_CLIP), [factory() for factory, _ in STACK])
+        expected = reference_stacked_loss(as_lists(tokens), [spec for _, spec in STACK])
+        assert stacked.item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (case, seed)
 
 
-def test_stacked_presets_equal_hooks_in_sequence() -> None:
-    for preset in ("steer", "steer_extreme", "clip_cov_extreme", "entropy_bonus_extreme"):
-        tokens = make_tokens("random", seed=14)
+def test_every_component_of_the_stack_changes_the_reference() -> None:
+    """The stack's data exercise every component, so the comparison above can fail on any of them."""
+    t = as_lists(make_tokens("random", seed=13))
+    specs = [spec for _, spec in STACK]
+    full = reference_stacked_loss(t, specs)
+    for k in range(len(specs)):
+        assert reference_stacked_loss(t, specs[:k] + specs[k + 1:]) != pytest.approx(full, rel=1e-4), specs[k]["kind"]
+
+
+def preset_specs(name: str) -> list[dict]:
+    """The reference specs of a preset's components, read from its YAML (not from the library)."""
+    preset = OmegaConf.merge(OmegaConf.create({"seed": 0}), {"intervention": OmegaConf.load(PRESETS / f"{name}.yaml")})
+    specs = []
+    for node in preset.intervention.components.values():
+        kind = node._target_.rsplit(".", 1)[1]
+        if kind == "ClipHigher":
+            specs.append({"kind": "clip_higher", "low": node.low, "high": node.high})
+        elif kind == "SteerReweighting":
+            assert node.scope == "microbatch" and node.omega_floor == 0.02  # what ref_steer_weights assumes
+            specs.append({"kind": "steer", "args": {"lambda_min": node.lambda_min, "form": node.omega, "mapping": node.mapping}})
+        elif kind == "ClipCov":
+            assert node.scope == "microbatch"
+            specs.append({"kind": "clip_cov", "ratio": node.ratio, "low": node.omega_low, "high": node.omega_high, "seed": node.seed})
+        elif kind == "EntropyBonus":
+            specs.append({"kind": "entropy_bonus", "beta": node.coefficient})
+        else:
+            raise ValueError(f"no reference for {kind}")
+    return specs
+
+
+@pytest.mark.parametrize("preset", ["steer", "steer_extreme", "clip_cov_extreme", "entropy_bonus_extreme"])
+def test_stacked_presets_match_float64_reference(preset: str) -> None:
+    for seed in (0, 14):
+        tokens = make_tokens("random", seed)
         stacked, _ = policy_loss(tokens, ClipConfig(**BASE_CLIP), load_preset(preset))
-        sequential = apply_hooks_in_sequence(tokens, ClipConfig(**BASE_CLIP), load_preset(preset))
-        assert stacked.item() == pytest.approx(sequential.item(), rel=1e-6), preset
+        expected = reference_stacked_loss(as_lists(tokens), preset_specs(preset))
+        assert stacked.item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (preset, seed)
 
 
 # ------------------------------------------------------------------------ global scope

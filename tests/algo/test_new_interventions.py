@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 
 from steer.algo.interventions import (
     ClipHigher,
@@ -28,11 +29,12 @@ from steer.algo.interventions import (
     PolicyTokens,
     SurprisalAdvantageReweighting,
 )
-from steer.algo.policy_loss import ClipConfig, LossTotals, begin_minibatch, policy_loss, ppo_token_loss
+from steer.algo.interventions.base import ClipConfig
+from steer.algo.policy_loss import LossTotals, begin_minibatch, policy_loss, ppo_token_loss
 from tests.algo.test_interventions import (
     BASE_CLIP,
+    PRESETS,
     CASES,
-    apply_hooks_in_sequence,
     as_lists,
     fresh,
     grads,
@@ -455,15 +457,96 @@ def stack(scope: str = "microbatch") -> list[Intervention]:
     ]
 
 
-def test_new_interventions_stack_equals_hooks_in_sequence() -> None:
-    tokens = entropic_tokens(5)
-    stacked, _ = policy_loss(tokens, ClipConfig(**BASE_CLIP), stack())
-    sequential = apply_hooks_in_sequence(tokens, ClipConfig(**BASE_CLIP), stack())
-    assert stacked.item() == pytest.approx(sequential.item(), rel=1e-6)
+def reference_new_stack_loss(t: dict, specs: list[dict], clip: dict = BASE_CLIP) -> float:
+    """Token-mean loss of one micro-batch under the interventions ``specs`` stacked in order, from the
+    formulas above and the composition rule ``keep * weight * ppo_loss + penalty``: STARE weights
+    (gate on, the initial state), EntroPIC's term on high-probability tokens (a penalty, integral 0),
+    CE-GPPO's replacement of the clipped regions (their PPO term dropped, the bounded term added,
+    unweighted)."""
+    clip = dict(clip)
+    for spec in specs:
+        if spec["kind"] == "clip_higher":
+            clip.update(low=spec["low"], high=spec["high"])
+    valid = positions(t)
+    weight = {key: 1.0 for key in valid}
+    keep = {key: True for key in valid}
+    penalty = {key: 0.0 for key in valid}
+    for spec in specs:
+        kind = spec["kind"]
+        if kind == "stare":
+            for key, value in ref_stare_weights(t, spec["share"], spec["w"], spec["m"], spec["variant"]).items():
+                weight[key] *= value
+        elif kind == "entropic":
+            mean_entropy = sum(t["entropy"][i][j] for i, j in valid) / len(valid)
+            alpha = min(max(spec["kp"] * (mean_entropy - spec["target"]), -spec["limit"]), spec["limit"])
+            high = [(i, j) for i, j in valid if t["logprobs"][i][j] > math.log(spec["tau"])]
+            for i, j in high:  # alpha * mean over the high tokens of -r |A|, as a share of the token mean
+                r = math.exp(min(max(t["logprobs"][i][j] - t["old_logprobs"][i][j], -20.0), 20.0))
+                penalty[(i, j)] += alpha * -r * abs(t["advantages"][i][j]) * len(valid) / len(high)
+        elif kind == "ce_gppo":
+            for i, j in valid:
+                value, _ = ref_ce_gppo_token(t["logprobs"][i][j], t["old_logprobs"][i][j], t["advantages"][i][j],
+                                             spec["beta_low"], spec["beta_high"], clip["low"], clip["high"], clip["dual"])
+                r, a = math.exp(t["logprobs"][i][j] - t["old_logprobs"][i][j]), t["advantages"][i][j]
+                if (a < 0 and r < 1 - clip["low"]) or (a > 0 and r > 1 + clip["high"]):
+                    keep[(i, j)] = False
+                    penalty[(i, j)] += value
+        elif kind != "clip_higher":
+            raise ValueError(kind)
+    total = 0.0
+    for i, j in valid:
+        loss = ref_ppo(t["logprobs"][i][j], t["old_logprobs"][i][j], t["advantages"][i][j], **clip)[0]
+        total += (weight[(i, j)] * loss if keep[(i, j)] else 0.0) + penalty[(i, j)]
+    return total / max(len(valid), 1)
+
+
+NEW_STACK = [
+    (lambda: ClipHigher(0.1, 0.28), {"kind": "clip_higher", "low": 0.1, "high": 0.28}),
+    (lambda: SurprisalAdvantageReweighting(top_ratio=0.4, positive_weight=1.3, negative_weight=0.8, variant="C2"),
+     {"kind": "stare", "share": 0.4, "w": 1.3, "m": 0.8, "variant": "C2"}),
+    (lambda: EntropyPIControl(target_entropy=0.5, proportional_gain=0.8, integral_gain=0.1, high_probability=0.9),
+     {"kind": "entropic", "target": 0.5, "kp": 0.8, "tau": 0.9, "limit": 1.0}),
+    (lambda: GradientPreservingClip(0.5, 1.0), {"kind": "ce_gppo", "beta_low": 0.5, "beta_high": 1.0}),
+]
+
+
+def new_preset_specs(name: str) -> list[dict]:
+    """The reference specs of a preset's components, read from its YAML (not from the library)."""
+    components = OmegaConf.load(PRESETS / f"{name}.yaml").components.values()
+    specs = []
+    for node in components:
+        kind = node._target_.rsplit(".", 1)[1]
+        if kind == "ClipHigher":
+            specs.append({"kind": "clip_higher", "low": node.low, "high": node.high})
+        elif kind == "SurprisalAdvantageReweighting":
+            assert node.scope == "microbatch"
+            specs.append({"kind": "stare", "share": node.top_ratio, "w": node.positive_weight, "m": node.negative_weight,
+                          "variant": node.variant})
+        elif kind == "EntropyPIControl":
+            assert node.scope == "microbatch"
+            specs.append({"kind": "entropic", "target": node.target_entropy, "kp": node.proportional_gain,
+                          "tau": node.high_probability, "limit": node.alpha_limit})
+        elif kind == "GradientPreservingClip":
+            specs.append({"kind": "ce_gppo", "beta_low": node.beta_low, "beta_high": node.beta_high})
+        else:
+            raise ValueError(f"no reference for {kind}")
+    return specs
+
+
+@pytest.mark.parametrize("seed", [0, 6])
+def test_new_interventions_stack_matches_float64_reference(seed: int) -> None:
+    tokens = entropic_tokens(seed)
+    t = as_lists(tokens)
+    stacked, _ = policy_loss(tokens, ClipConfig(**BASE_CLIP), [factory() for factory, _ in NEW_STACK])
+    specs = [spec for _, spec in NEW_STACK]
+    expected = reference_new_stack_loss(t, specs)
+    assert stacked.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for k in range(len(specs)):  # every component acts on these tokens, so the comparison can fail on any
+        assert reference_new_stack_loss(t, specs[:k] + specs[k + 1:]) != pytest.approx(expected, rel=1e-4), specs[k]["kind"]
     for preset in NEW_PRESETS:
         stacked, _ = policy_loss(tokens, ClipConfig(**BASE_CLIP), load_preset(preset))
-        sequential = apply_hooks_in_sequence(tokens, ClipConfig(**BASE_CLIP), load_preset(preset))
-        assert stacked.item() == pytest.approx(sequential.item(), rel=1e-6), preset
+        expected = reference_new_stack_loss(t, new_preset_specs(preset))
+        assert stacked.item() == pytest.approx(expected, rel=1e-5, abs=1e-6), preset
 
 
 def test_global_scope_over_microbatches_equals_the_whole_batch() -> None:
@@ -561,7 +644,7 @@ def test_new_preset_numbers() -> None:
 @pytest.mark.parametrize("preset", NEW_PRESETS)
 def test_new_preset_composes_and_passes_check_config(preset: str, tmp_path: Path) -> None:
     from steer.app import build_interventions
-    from steer.config import check_config
+    from steer.startup import check_config
     from tests.conftest import TINY_RUN, compose
 
     cfg = compose([*TINY_RUN, f"intervention={preset}"], tmp_path)

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from steer.algo.interventions.base import PolicyTokens
-from steer.algo.logprobs import response_logprobs_and_entropy
-from steer.algo.policy_loss import ClipConfig, policy_loss
-from steer.algo.rollout_correction import (
+from steer.algo.interventions.base import ClipConfig, PolicyTokens
+from steer.algo.interventions.rollout_correction import (
     RolloutCorrection,
     mismatch_keep_mask,
     mismatch_statistics,
     sequence_mismatch,
     truncated_importance_weights,
 )
+from steer.algo.logprobs import response_logprobs_and_entropy
+from steer.algo.policy_loss import policy_loss
 from steer.models.tiny import build_char_tokenizer, build_tiny_policy
 from steer.rollout.base import SamplingParams
 from steer.rollout.hf import HFRolloutEngine

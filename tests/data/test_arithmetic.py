@@ -108,14 +108,14 @@ def test_the_embedded_task_is_unchanged_by_the_chat_variant():
 def test_chat_preset_composes_and_passes_check_config(tmp_path):
     from omegaconf import OmegaConf
 
-    from steer.config import check_config
+    from steer.startup import check_config
     from tests.conftest import compose
 
     import importlib.util
 
     import pytest
 
-    from steer.config import ConfigError
+    from steer.knobs import ConfigError
 
     cfg = compose(["+experiment=smollm_arithmetic"], tmp_path)
     OmegaConf.resolve(cfg)

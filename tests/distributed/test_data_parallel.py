@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from steer.callbacks.evaluation import BenchmarkSamples, merge_samples, rank_share
-from steer.config import ConfigError, check_config, check_world_size
+from steer.eval.benchmarks import BenchmarkSamples, merge_samples, rank_share
+from steer.distributed import check_world_size
+from steer.knobs import ConfigError
+from steer.startup import check_config
 from steer.data.datamodule import StepBatchSampler
-from steer.module import MetricMean
+from steer.step_metrics import MetricAccumulator
 from tests.conftest import REPO, TINY_RUN, compose
 from tests.distributed import ddp_driver
 
@@ -132,7 +134,7 @@ def test_the_data_order_is_a_function_of_seed_and_step_and_resumes_at_start_step
 
 
 def test_metric_mean_kinds():
-    metrics = MetricMean()
+    metrics = MetricAccumulator()
     metrics.add({"a": 1.0, "x_count": 2.0, "probe/tokens": 3.0}, weight=1.0)
     metrics.add({"a": 4.0, "x_count": 5.0, "probe/tokens": 1.0}, weight=3.0)
     metrics.add({"t": 2.0}, how="max")

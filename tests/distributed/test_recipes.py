@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from steer.config import check_config, configured_ranks
+from steer.distributed import configured_ranks
+from steer.startup import check_config
 from tests.conftest import REPO, TINY_RUN, compose
 
 SECTION = "## Several GPUs and nodes"

@@ -136,7 +136,7 @@ def train(overrides: list[str], output_dir: Path, precision_check: bool = True) 
     """Train ``overrides`` with :func:`steer.app.train`; the weights' drift and the last step's metrics.
     ``precision_check=False`` leaves the precision start-up check out: the failure it refuses,
     measured on purpose (the negative control)."""
-    import steer.config
+    import steer.startup
     from steer.app import train as train_config
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -144,13 +144,13 @@ def train(overrides: list[str], output_dir: Path, precision_check: bool = True) 
     recorder = ["+callbacks.weight_drift._target_=tests.models.precision_driver.WeightDrift",
                 f"+callbacks.weight_drift.out_file={drift_file}"]
     cfg = compose([*overrides, *recorder], output_dir)
-    checks = list(steer.config.STARTUP_CHECKS)
+    checks = list(steer.startup.STARTUP_CHECKS)
     if not precision_check:
-        steer.config.STARTUP_CHECKS.remove(steer.config.check_precision)
+        steer.startup.STARTUP_CHECKS.remove(steer.startup.check_precision)
     try:
         metrics = train_config(cfg)
     finally:
-        steer.config.STARTUP_CHECKS[:] = checks
+        steer.startup.STARTUP_CHECKS[:] = checks
     return {**json.loads(drift_file.read_text()), "last_step": metrics, "trainer_precision": str(cfg.trainer.precision),
             "model_dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype, "lr": cfg.algorithm.lr,
             "strategy": str((cfg.trainer.get("strategy") or {}).get("_target_", "single device"))}

@@ -65,7 +65,8 @@ def test_the_knob_turns_it_on_for_the_policy_and_generation_still_works(tmp_path
 def test_a_non_boolean_knob_is_refused(tmp_path):
     import pytest
 
-    from steer.config import ConfigError, check_config
+    from steer.knobs import ConfigError
+    from steer.startup import check_config
 
     with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
         check_config(compose([*TINY_RUN, "model.gradient_checkpointing=sometimes"], tmp_path))

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from steer.config import ConfigError
+from steer.knobs import ConfigError
 from steer.models.loader import load_policy_tokenizer, load_pretrained
 from tests.conftest import REPO
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from steer.config import ConfigError
+from steer.knobs import ConfigError
 from steer.models.memory import (
     KNOWN_ARCHITECTURES,
     Architecture,

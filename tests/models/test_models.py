@@ -53,7 +53,7 @@ def test_warmup_is_cached_by_config(tmp_path):
 
 def test_a_saved_character_tokenizer_reloads_as_itself(tmp_path):
     """transformers 5's AutoTokenizer would pick Qwen2Tokenizer from the model config and drop spaces."""
-    from steer.models.loader import load_tokenizer
+    from steer.models.tokenizer import load_tokenizer
 
     tokenizer = build_char_tokenizer()
     tokenizer.save_pretrained(tmp_path)
@@ -82,7 +82,8 @@ def test_num_kv_heads_builds_grouped_query_attention():
 
 @pytest.mark.parametrize("value", [3, 0, 8, "two"])
 def test_a_num_kv_heads_that_does_not_divide_the_heads_is_a_config_error(tmp_path, value):
-    from steer.config import ConfigError, check_model
+    from steer.knobs import ConfigError
+    from steer.models.loader import check_model
     from tests.conftest import compose
 
     cfg = compose([f"model.tiny.num_kv_heads={value}"], tmp_path)

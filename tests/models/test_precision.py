@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from steer.config import ConfigError, check_config
+from steer.knobs import ConfigError
+from steer.startup import check_config
 from steer.models.precision import lightning_precision, resolve_compute_dtype, smallest_kept_step
 from tests.conftest import CONF, REPO, SHARED_DATA, compose
 

@@ -6,36 +6,13 @@ intervention hooks around it (see :mod:`steer.algo.interventions.base`) and aggr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from steer.algo.aggregation import aggregate, masked_mean
-from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-
-
-@dataclass(frozen=True)
-class ClipConfig:
-    """PPO clip bounds: the ratio is clipped to ``[1 - low, 1 + high]``.
-
-    ``dual`` is the dual-clip constant c > 1 of Ye et al. 2020 (arXiv 1912.09729): for negative
-    advantages the loss is capped at ``-A * c`` so one token with a huge ratio cannot dominate.
-    ``None`` disables it.
-    """
-
-    low: float = 0.2
-    high: float = 0.2
-    dual: float | None = 3.0
-
-    def __post_init__(self) -> None:
-        if self.low < 0 or self.high < 0:
-            raise ValueError(f"clip ratios must be >= 0, got low={self.low}, high={self.high}")
-        if self.dual is not None and self.dual <= 1.0:
-            raise ValueError(f"the dual-clip constant must be > 1 (or null to disable), got {self.dual}")
-
-    def with_bounds(self, low: float | None = None, high: float | None = None) -> "ClipConfig":
-        return replace(self, low=self.low if low is None else low, high=self.high if high is None else high)
+from steer.algo.interventions.base import ClipConfig, Intervention, PolicyTokens, PPOTerms
 
 
 def ppo_token_loss(
@@ -91,24 +68,46 @@ class LossTotals:
     data_parallel_size: int = 1
 
 
+def effective_clip(clip: ClipConfig, interventions: Sequence[Intervention]) -> ClipConfig:
+    """The clip bounds after every intervention's ``adjust_clip``, in order."""
+    for intervention in interventions:
+        clip = intervention.adjust_clip(clip)
+    return clip
+
+
+def apply_pre_loss_hooks(
+    tokens: PolicyTokens,
+    clip: ClipConfig,
+    interventions: Sequence[Intervention],
+    metrics: dict[str, torch.Tensor],
+) -> tuple[ClipConfig, torch.Tensor]:
+    """The hooks that run before the PPO terms: every ``adjust_clip``, then every
+    ``transform_advantages`` (which may write into ``metrics``), each in order.
+
+    Returns ``(clip, advantages)``: the effective clip bounds and the ``[B, T]`` advantages the loss uses.
+    """
+    clip = effective_clip(clip, interventions)
+    advantages = tokens.advantages
+    for intervention in interventions:
+        advantages = intervention.transform_advantages(advantages, tokens, metrics)
+    return clip, advantages
+
+
 def begin_minibatch(
     tokens: PolicyTokens, clip: ClipConfig, interventions: Sequence[Intervention] = ()
 ) -> None:
     """Show the whole mini-batch (no gradient) to every intervention with ``scope: global``.
 
     Call once per mini-batch, before its micro-batches, with the mini-batch's tensors ``[B, T]``.
-    Applies the same clip and advantage hooks as :func:`policy_loss`, so that statistics such as
-    STEER's normalising max or Clip-Cov's candidate set see the quantities the loss will use.
+    Applies the same clip and advantage hooks as :func:`policy_loss` (:func:`apply_pre_loss_hooks`), so
+    that statistics such as STEER's normalising max or Clip-Cov's candidate set see the quantities the
+    loss will use.
     """
     active = [intervention for intervention in interventions if intervention.needs_minibatch_pass]
     if not active:
         return
     with torch.no_grad():
-        for intervention in interventions:
-            clip = intervention.adjust_clip(clip)
-        advantages = tokens.advantages
-        for intervention in interventions:
-            advantages = intervention.transform_advantages(advantages, tokens, {})
+        clip, advantages = apply_pre_loss_hooks(tokens, clip, interventions, {})
         ppo = ppo_token_loss(tokens.logprobs, tokens.old_logprobs, advantages, clip)
         for intervention in active:
             intervention.begin_minibatch(tokens, ppo)
@@ -131,11 +130,7 @@ def policy_loss(
         ``(loss, metrics)``: a scalar to backpropagate and detached per-micro-batch statistics.
     """
     metrics: dict[str, torch.Tensor] = {}
-    for intervention in interventions:
-        clip = intervention.adjust_clip(clip)
-    advantages = tokens.advantages
-    for intervention in interventions:
-        advantages = intervention.transform_advantages(advantages, tokens, metrics)
+    clip, advantages = apply_pre_loss_hooks(tokens, clip, interventions, metrics)
     ppo = ppo_token_loss(tokens.logprobs, tokens.old_logprobs, advantages, clip)
 
     mask = tokens.mask

@@ -18,9 +18,11 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from steer.data.records import PromptRecord
+from steer.knobs import ConfigError, preset_choice, select
 
 DATA_SOURCE = "arithmetic"
 
@@ -216,3 +218,10 @@ def order_signature(response: str) -> tuple[int, ...] | None:
     if not pairs:
         return None
     return (int(pairs[0][0]), *(int(right) for _, right in pairs))
+
+
+def check_needs_task(knob: str, spec: DictConfig) -> None:
+    if select(spec, "task") is None:
+        data = preset_choice("data")
+        raise ConfigError(f"{knob} reads the arithmetic task, but {f'data={data}' if data else 'the data preset'} has none (data.task is null); "
+                          "allowed: data=arithmetic, or for math data an eval preset such as eval=math_small or eval=math_paper")

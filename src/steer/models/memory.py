@@ -117,6 +117,8 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
+from steer.knobs import ConfigError
+
 log = logging.getLogger(__name__)
 
 GiB = 2**30
@@ -405,7 +407,7 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
     if gpu is None:
         gpu = str(_knob(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda") and _cuda_available()
     strategy_target = str(_knob(cfg, "trainer.strategy._target_", "") or "")
-    fsdp = "FullyShardedStrategy" in strategy_target or "fsdp_strategy" in strategy_target
+    fsdp = "FullyShardedStrategy" in strategy_target
     ranks = _count_devices(_knob(cfg, "trainer.devices", 1), gpu) * int(_knob(cfg, "trainer.num_nodes", 1))
 
     model_dtype = str(_knob(cfg, "model.dtype", "float32"))
@@ -767,8 +769,6 @@ def check_memory(cfg: Any) -> None:
                 "Face config, not in steer.models.memory.KNOWN_ARCHITECTURES); no estimate", _knob(cfg, "model.path"))
         return
     if device_bytes is not None and result.peak > device_bytes:
-        from steer.config import ConfigError
-
         raise ConfigError(
             "the estimated GPU memory of this layout exceeds the GPU's "
             f"({_gib(result.peak)} GiB > {_gib(device_bytes)} GiB); knobs that lower it: "

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import math
 
+from steer.knobs import ConfigError, one_of, select
+
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -79,22 +81,20 @@ def check_precision(cfg) -> None:
     ``algorithm.lr``, i.e. an AdamW step below :func:`smallest_kept_step` of the largest weights
     (the norm gains at 1.0). For bfloat16 that is any lr below 3.9e-3 and for float16 below 4.9e-4:
     every fine-tuning learning rate. Also validates ``model.compute_dtype``."""
-    from steer.config import ConfigError, _get, _one_of
-
-    compute = _get(cfg, "model.compute_dtype", "float32")
-    _one_of("model.compute_dtype", compute, COMPUTE_DTYPES)
-    if compute == "bfloat16" and str(_get(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda"):
+    compute = select(cfg, "model.compute_dtype", "float32")
+    one_of("model.compute_dtype", compute, COMPUTE_DTYPES)
+    if compute == "bfloat16" and str(select(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda"):
         import torch
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise ConfigError("model.compute_dtype=bfloat16 is not supported by this GPU; allowed here: float16, "
                               "float32, auto (float32 on this GPU)")
-    if _get(cfg, "mode", "train") != "train":
+    if select(cfg, "mode", "train") != "train":
         return
-    model_dtype = _get(cfg, "model.dtype", "float32")
-    precision = _get(cfg, "trainer.precision", "32-true")
+    model_dtype = select(cfg, "model.dtype", "float32")
+    precision = select(cfg, "trainer.precision", "32-true")
     dtype = stepped_dtype(model_dtype, precision)
-    lr = _get(cfg, "algorithm.lr")
+    lr = select(cfg, "algorithm.lr")
     if dtype not in SIGNIFICANT_BITS or not isinstance(lr, (int, float)) or not math.isfinite(lr):
         return  # an unknown dtype or a bad lr: check_model / check_algorithm name it
     needed = smallest_kept_step(dtype)

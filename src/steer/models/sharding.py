@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from steer.knobs import ConfigError
 
 MIXED_PRECISION = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``trainer.strategy.mixed_precision`` (by default ``model.compute_dtype``) -> the compute dtype FSDP
@@ -93,6 +96,28 @@ class FullyShardedStrategy(ModelParallelStrategy):
         fully_shard(policy, **options)
 
 
-def fsdp_strategy(**kwargs) -> FullyShardedStrategy:
-    """What ``conf/trainer/fsdp.yaml`` instantiates (see :class:`FullyShardedStrategy`)."""
-    return FullyShardedStrategy(**kwargs)
+def check_fsdp(cfg: DictConfig) -> None:
+    """``trainer=fsdp``: a known ``mixed_precision``, a model large enough to shard, and an HF rollout
+    engine (the vLLM engine cannot take FSDP's shards yet)."""
+    trainer = cfg.get("trainer")
+    strategy = trainer.get("strategy") if trainer is not None else None
+    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    if "fsdp" in target.lower() or "fullysharded" in target.lower():
+        precision = strategy.get("mixed_precision", None) if OmegaConf.is_dict(strategy) else None
+        if precision not in MIXED_PRECISION_CHOICES:
+            raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of "
+                              f"{', '.join('null' if key is None else key for key in MIXED_PRECISION_CHOICES)}")
+        if not (cfg.get("model") or {}).get("path"):
+            raise ConfigError(
+                "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "
+                "model (~0.5M parameters), far too small to shard; use trainer=ddp, or set model.path"
+            )
+        engine = str(((cfg.get("rollout") or {}).get("engine") or {}).get("_target_", ""))
+        if engine.endswith("VLLMRolloutEngine"):
+            # The engine starts from save_pretrained and pushes state_dict() tensors; under FSDP both
+            # are shards (DTensors). Gathering them for the engine is not built yet.
+            raise ConfigError(
+                "rollout=vllm with trainer=fsdp: the vLLM engine needs the full weights, which FSDP shards "
+                "over ranks (not supported yet); allowed: trainer=ddp or trainer=default with rollout=vllm, "
+                "or trainer=fsdp with rollout=hf"
+            )

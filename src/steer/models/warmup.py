@@ -22,6 +22,7 @@ import torch
 
 from steer.data.arithmetic import ArithmeticTask
 from steer.data.prompts import encode_prompts, render_prompt
+from steer.models.tokenizer import load_tokenizer
 from steer.rollout.base import SamplingParams
 from steer.rollout.hf import HFRolloutEngine
 
@@ -111,8 +112,6 @@ def cached_warmup(
 ):
     """Load the warmed-up ``(tokenizer, policy)`` from the cache, or build, warm up and save them."""
     from transformers import AutoModelForCausalLM
-
-    from steer.models.loader import load_tokenizer
 
     folder = Path(cache_dir).expanduser() / warmup_key(task, config, *key_parts)
     if (folder / "warmup.json").exists():

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 import logging
 from typing import Any, Protocol, Sequence
 
+from omegaconf import DictConfig
+
+from steer.knobs import ConfigError, select
+
 log = logging.getLogger(__name__)
 
 
@@ -55,3 +59,22 @@ def score_safely(reward: Reward, responses: Sequence[str], references: Sequence[
             correct.append(False)
             errors += 1
     return RewardOutput(scores=scores, correct=correct, num_errors=errors)
+
+
+def check_rewards(cfg: DictConfig) -> None:
+    """``reward`` and each ``eval.benchmarks.<name>.reward``: their constructors' own argument checks
+    (``reward.mode``, timeouts), run by building the objects and dropping them (rewards start
+    their worker processes lazily, on the first call)."""
+    from hydra.utils import instantiate
+
+    specs = {"reward": select(cfg, "reward")}
+    for name in (select(cfg, "eval.benchmarks") or {}):
+        specs[f"eval.benchmarks.{name}.reward"] = select(cfg, f"eval.benchmarks.{name}.reward")
+    for knob, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            instantiate(spec)
+        except Exception as error:  # the reward's own ValueError, not Hydra's wrapper
+            cause = error.__cause__ or error
+            raise ConfigError(f"{knob}: {cause}") from None

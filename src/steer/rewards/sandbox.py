@@ -759,12 +759,6 @@ def isolation_level() -> Isolation:
     return next(level for level in ISOLATION_LEVELS if level_works(level))
 
 
-def network_isolation() -> Literal["namespace", "socket-patch"]:
-    """How :func:`run_python` cuts the network on this machine: a network namespace when an
-    ``unshare`` level works, else the ``socket.socket`` patch."""
-    return "socket-patch" if isolation_level() == "process-group" else "namespace"
-
-
 def run_python(
     code: str,
     stdin: str | bytes = b"",

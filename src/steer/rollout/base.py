@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
+from omegaconf import DictConfig
+
+from steer.knobs import ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,25 @@ class RolloutBatch:
     """``[B, R]`` log-prob of each sampled token under the sampler's distribution (after temperature and top-p)."""
     truncated: torch.Tensor
     """``[B]`` bool: the response hit ``max_new_tokens`` without EOS."""
+
+    @classmethod
+    def from_padded(cls, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                    sampling_logprobs: torch.Tensor, eos_token_id: int, pad_token_id: int) -> "RolloutBatch":
+        """A batch from left-padded prompts and right-padded sampled responses, as every engine returns it.
+
+        The response mask runs up to and including the first EOS; a row without EOS is truncated
+        (both engines stop only at EOS or at ``max_new_tokens``). Past the mask the ids become
+        ``pad_token_id`` and the log-probs 0.
+        """
+        response_mask, truncated = response_mask_from_ids(response_ids, eos_token_id)
+        return cls(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids.masked_fill(~response_mask, pad_token_id),
+            response_mask=response_mask,
+            sampling_logprobs=sampling_logprobs.masked_fill(~response_mask, 0.0),
+            truncated=truncated,
+        )
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -83,3 +105,20 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
             ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq) :] = True
     return ids, mask
+
+
+def check_rollout_engine(cfg: DictConfig) -> None:
+    """``rollout.engine``: an engine class may say why it cannot run here (e.g. vLLM not installed)."""
+    target = (cfg.rollout.get("engine") or {}).get("_target_")
+    if not target:
+        return
+    from hydra.utils import get_class
+
+    try:
+        engine_class = get_class(target)
+    except Exception as error:
+        raise ConfigError(f"rollout.engine._target_={target!r} cannot be imported: {error}") from None
+    reason = getattr(engine_class, "unavailable_reason", None)
+    problem = reason() if callable(reason) else None
+    if problem:
+        raise ConfigError(f"rollout.engine={target}: {problem}")

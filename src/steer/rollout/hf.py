@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from steer.rollout.base import RolloutBatch, SamplingParams, left_pad, response_mask_from_ids
+from steer.rollout.base import RolloutBatch, SamplingParams, left_pad
 from steer.rollout.decode import sample
 
 
@@ -66,15 +66,8 @@ class HFRolloutEngine:
             )
         finally:
             self.policy.train(was_training)
-        response_mask, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response_ids.masked_fill(~response_mask, self.pad_token_id),
-            response_mask=response_mask,
-            sampling_logprobs=sampling_logprobs.masked_fill(~response_mask, 0.0),
-            truncated=truncated,
-        )
+        return RolloutBatch.from_padded(prompt_ids, prompt_mask, response_ids, sampling_logprobs,
+                                        self.eos_token_id, self.pad_token_id)
 
 
 def concatenate(batches: Sequence[RolloutBatch], pad_token_id: int) -> RolloutBatch:

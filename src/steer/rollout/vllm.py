@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from steer.rollout.base import RolloutBatch, SamplingParams, left_pad, response_mask_from_ids
+from steer.rollout.base import RolloutBatch, SamplingParams, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -353,15 +353,7 @@ class VLLMRolloutEngine:
             if ids:
                 logprobs[row, : len(ids)] = torch.tensor([_logprob_of(sample.logprobs[i], ids[i]) for i in range(len(ids))])
         # vLLM stops at EOS or at the budget, so a response without EOS is a truncated one.
-        response_mask, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response_ids.masked_fill(~response_mask, self.pad_token_id),
-            response_mask=response_mask,
-            sampling_logprobs=logprobs.masked_fill(~response_mask, 0.0),
-            truncated=truncated,
-        )
+        return RolloutBatch.from_padded(prompt_ids, prompt_mask, response_ids, logprobs, self.eos_token_id, self.pad_token_id)
 
     def _engine_error(self, phase: str, error: BaseException) -> RolloutEngineError:
         if isinstance(error, RolloutEngineError):

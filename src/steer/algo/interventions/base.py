@@ -17,17 +17,41 @@ Hook (default: no change)           used by
 
 Hooks write detached statistics into the ``metrics`` dict they receive, under keys
 ``intervention/<name>/<what>``; one key has one meaning.
+
+This module also holds the types the hooks exchange with the loss (:class:`ClipConfig`,
+:class:`PolicyTokens`, :class:`PPOTerms`), so that the loss and every intervention import them from
+here and neither imports the other's module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from steer.algo.policy_loss import ClipConfig
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """PPO clip bounds: the ratio is clipped to ``[1 - low, 1 + high]``.
+
+    ``dual`` is the dual-clip constant c > 1 of Ye et al. 2020 (arXiv 1912.09729): for negative
+    advantages the loss is capped at ``-A * c`` so one token with a huge ratio cannot dominate.
+    ``None`` disables it.
+    """
+
+    low: float = 0.2
+    high: float = 0.2
+    dual: float | None = 3.0
+
+    def __post_init__(self) -> None:
+        if self.low < 0 or self.high < 0:
+            raise ValueError(f"clip ratios must be >= 0, got low={self.low}, high={self.high}")
+        if self.dual is not None and self.dual <= 1.0:
+            raise ValueError(f"the dual-clip constant must be > 1 (or null to disable), got {self.dual}")
+
+    def with_bounds(self, low: float | None = None, high: float | None = None) -> "ClipConfig":
+        return replace(self, low=self.low if low is None else low, high=self.high if high is None else high)
 
 
 @dataclass
@@ -66,7 +90,7 @@ class PPOTerms:
     clipped_low: torch.Tensor
     clipped_high: torch.Tensor
     clipped_dual: torch.Tensor
-    clip: "ClipConfig | None" = None
+    clip: ClipConfig | None = None
     """The effective clip bounds these terms were computed with (after every ``adjust_clip``)."""
 
     @property
@@ -83,7 +107,7 @@ class Intervention:
     """True when the intervention can only act through ``ratio != 1`` (clip-based methods); the
     trainer warns when the update is strictly on-policy and such an intervention is inert."""
 
-    def adjust_clip(self, clip: "ClipConfig") -> "ClipConfig":
+    def adjust_clip(self, clip: ClipConfig) -> ClipConfig:
         return clip
 
     def transform_advantages(

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.covariance import covariance_score, valid_token_count
-from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope
+from steer.algo.interventions.base import PolicyTokens, PPOTerms
+from steer.algo.interventions.covariance import CovarianceSelection, covariance_score
+from steer.algo.interventions.scope import own_selection
 from steer.distributed import all_gather_1d
 
 
-class ClipCov(Intervention):
+class ClipCov(CovarianceSelection):
     """Zero the loss of a random ``r`` share of the tokens whose covariance score lies in a band.
 
     Args:
@@ -50,16 +50,10 @@ class ClipCov(Intervention):
             raise ValueError(
                 f"clip_cov needs omega_low < omega_high, got omega_low={omega_low}, omega_high={omega_high}"
             )
-        self.ratio = ratio
+        super().__init__(ratio, scope)
         self.omega_low = omega_low
         self.omega_high = omega_high
-        self.scope = check_scope(scope)
         self.generator = torch.Generator().manual_seed(int(seed))
-        self._cursor: RowCursor | None = None
-
-    @property
-    def needs_minibatch_pass(self) -> bool:
-        return self.scope == "global"
 
     def select(self, tokens: PolicyTokens, ppo: PPOTerms, across_ranks: bool = False) -> torch.Tensor:
         """The ``[B, T]`` bool mask of the tokens drawn (advances the generator)."""
@@ -67,31 +61,18 @@ class ClipCov(Intervention):
         score = covariance_score(ppo.advantages, tokens.logprobs, valid, across_ranks)
         candidates = valid & ~ppo.clipped & (score > self.omega_low) & (score < self.omega_high)
         flat = candidates.flatten().nonzero().squeeze(1)
-        count = max(1, int(self.ratio * valid_token_count(valid, across_ranks)))
+        count = self.selection_count(valid, across_ranks)
         offset, total = 0, flat.numel()
         if across_ranks:  # number the candidates of all ranks in rank order, draw once for all
             counts, rank = all_gather_1d(torch.tensor([flat.numel()], device=flat.device))
             offset, total = int(counts[:rank].sum()), int(counts.sum())
         drawn = torch.randperm(total, generator=self.generator)[:count].to(flat.device)
-        mine = drawn[(drawn >= offset) & (drawn < offset + flat.numel())] - offset
-        selected = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
-        selected[flat[mine]] = True
-        return selected.view_as(valid)
-
-    def begin_minibatch(self, tokens: PolicyTokens, ppo: PPOTerms | None = None) -> None:
-        if ppo is None:
-            raise ValueError("clip_cov with scope=global " + NEEDS_PPO)
-        self._cursor = RowCursor(self.select(tokens, ppo, across_ranks=True))
+        return own_selection(drawn, offset, flat, valid)
 
     def token_mask(
         self, tokens: PolicyTokens, ppo: PPOTerms, metrics: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        if self.scope == "global":
-            if self._cursor is None:
-                raise RuntimeError("clip_cov with scope=global: begin_minibatch was not called")
-            selected = self._cursor.take(*tokens.mask.shape).to(tokens.mask.device)
-        else:
-            selected = self.select(tokens, ppo)
+        selected = self.selection(tokens, ppo)
         valid = tokens.mask.bool()
         selected = selected & valid
         metrics[f"intervention/{self.name}/selected_count"] = selected.sum().float()

@@ -12,12 +12,7 @@ epoch) it has no effect: ``uses_ratio = True``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from steer.algo.interventions.base import Intervention
-
-if TYPE_CHECKING:  # policy_loss imports this package: a runtime import would be circular
-    from steer.algo.policy_loss import ClipConfig
+from steer.algo.interventions.base import ClipConfig, Intervention
 
 
 class ClipHigher(Intervention):
@@ -39,5 +34,5 @@ class ClipHigher(Intervention):
         self.low = float(low)
         self.high = float(high)
 
-    def adjust_clip(self, clip: "ClipConfig") -> "ClipConfig":
+    def adjust_clip(self, clip: ClipConfig) -> ClipConfig:
         return clip.with_bounds(low=self.low, high=self.high)

@@ -1,4 +1,5 @@
-"""The covariance score shared by Clip-Cov and KL-Cov (Cui et al. 2025, arXiv 2505.22617).
+"""What Clip-Cov and KL-Cov share (Cui et al. 2025, arXiv 2505.22617): the covariance score and
+the selection of tokens by it, per micro-batch or once per mini-batch (:class:`CovarianceSelection`).
 
 Per valid token ``C_t = (A_t - mean A) * (log pi_t - mean log pi)``, the means taken over the
 valid tokens of the scope (one micro-batch, or the mini-batch on every rank). Summed over a
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
+from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope
 from steer.distributed import all_reduce
 
 
@@ -54,3 +57,46 @@ def valid_token_count(mask: torch.Tensor, across_ranks: bool = False) -> int:
     if across_ranks:
         count = all_reduce(count, "sum")
     return int(count.item())
+
+
+class CovarianceSelection(Intervention):
+    """Base of Clip-Cov and KL-Cov: a token selection by covariance score, made by :meth:`select`.
+
+    ``scope: microbatch`` selects within each micro-batch; ``scope: global`` selects once per
+    mini-batch over every rank in :meth:`begin_minibatch`, and each micro-batch then takes its rows
+    of that selection (:meth:`selection`).
+
+    Args:
+        ratio: the share of valid tokens selected (``max(1, floor(ratio * N))`` tokens).
+        scope: ``microbatch`` or ``global``.
+    """
+
+    def __init__(self, ratio: float, scope: str) -> None:
+        self.ratio = ratio
+        self.scope = check_scope(scope)
+        self._cursor: RowCursor | None = None
+
+    @property
+    def needs_minibatch_pass(self) -> bool:
+        return self.scope == "global"
+
+    def select(self, tokens: PolicyTokens, ppo: PPOTerms, across_ranks: bool = False) -> torch.Tensor:
+        """The ``[B, T]`` bool mask of the tokens selected in ``tokens`` (all ranks' with ``across_ranks``)."""
+        raise NotImplementedError
+
+    def selection_count(self, valid: torch.Tensor, across_ranks: bool = False) -> int:
+        """How many tokens to select: ``max(1, floor(ratio * N))``, ``N`` the valid tokens of the scope."""
+        return max(1, int(self.ratio * valid_token_count(valid, across_ranks)))
+
+    def begin_minibatch(self, tokens: PolicyTokens, ppo: PPOTerms | None = None) -> None:
+        if ppo is None:
+            raise ValueError(f"{self.name} with scope=global " + NEEDS_PPO)
+        self._cursor = RowCursor(self.select(tokens, ppo, across_ranks=True))
+
+    def selection(self, tokens: PolicyTokens, ppo: PPOTerms) -> torch.Tensor:
+        """This micro-batch's ``[B, T]`` selection: its rows of the mini-batch's (``global``) or its own."""
+        if self.scope == "global":
+            if self._cursor is None:
+                raise RuntimeError(f"{self.name} with scope=global: begin_minibatch was not called")
+            return self._cursor.take(*tokens.mask.shape).to(tokens.mask.device)
+        return self.select(tokens, ppo)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.covariance import covariance_score, valid_token_count
-from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope
+from steer.algo.interventions.base import PolicyTokens, PPOTerms
+from steer.algo.interventions.covariance import CovarianceSelection, covariance_score
+from steer.algo.interventions.scope import own_selection
 from steer.distributed import all_gather_1d
 
 
-class KLCov(Intervention):
+class KLCov(CovarianceSelection):
     """Penalise ``|log pi - log pi_old|`` on the top ``k`` share of tokens by covariance score.
 
     Ties in the score go to the earliest tokens in row-major order (rank order across ranks).
@@ -47,48 +47,28 @@ class KLCov(Intervention):
             raise ValueError(f"kl_cov ratio must be in (0, 1] (a fraction, not percent), got {ratio}")
         if coefficient < 0:
             raise ValueError(f"kl_cov coefficient must be >= 0, got {coefficient}")
-        self.ratio = ratio
+        super().__init__(ratio, scope)
         self.coefficient = coefficient
-        self.scope = check_scope(scope)
-        self._cursor: RowCursor | None = None
         self._selected: torch.Tensor | None = None
         self._selected_for: PPOTerms | None = None
-
-    @property
-    def needs_minibatch_pass(self) -> bool:
-        return self.scope == "global"
 
     def select(self, tokens: PolicyTokens, ppo: PPOTerms, across_ranks: bool = False) -> torch.Tensor:
         """The ``[B, T]`` bool mask of the top-``k`` tokens by covariance score."""
         valid = tokens.mask.bool()
         score = covariance_score(ppo.advantages, tokens.logprobs, valid, across_ranks).flatten()
         flat = (score > -torch.inf).nonzero().squeeze(1)
-        count = max(1, int(self.ratio * valid_token_count(valid, across_ranks)))
+        count = self.selection_count(valid, across_ranks)
         scores, offset = score[flat], 0
         if across_ranks:
             scores, offset = all_gather_1d(scores)
         # A stable sort makes ties (e.g. all advantages equal) go to the earliest tokens, on every rank.
         top = torch.sort(scores, descending=True, stable=True).indices[:count]
-        mine = top[(top >= offset) & (top < offset + flat.numel())] - offset
-        selected = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
-        selected[flat[mine]] = True
-        return selected.view_as(valid)
-
-    def begin_minibatch(self, tokens: PolicyTokens, ppo: PPOTerms | None = None) -> None:
-        if ppo is None:
-            raise ValueError("kl_cov with scope=global " + NEEDS_PPO)
-        self._cursor = RowCursor(self.select(tokens, ppo, across_ranks=True))
+        return own_selection(top, offset, flat, valid)
 
     def _selection(self, tokens: PolicyTokens, ppo: PPOTerms) -> torch.Tensor:
         # token_mask and token_penalty of one micro-batch share one selection (one cursor step).
         if self._selected_for is not ppo:
-            if self.scope == "global":
-                if self._cursor is None:
-                    raise RuntimeError("kl_cov with scope=global: begin_minibatch was not called")
-                selected = self._cursor.take(*tokens.mask.shape).to(tokens.mask.device)
-            else:
-                selected = self.select(tokens, ppo)
-            self._selected, self._selected_for = selected & tokens.mask.bool(), ppo
+            self._selected, self._selected_for = self.selection(tokens, ppo) & tokens.mask.bool(), ppo
         return self._selected
 
     def token_mask(

@@ -48,3 +48,18 @@ class RowCursor:
             block = torch.nn.functional.pad(block, (0, columns - block.shape[1]), value=False)
         self.row = end
         return block
+
+
+def own_selection(chosen: torch.Tensor, offset: int, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a selection made over every rank's candidates, as a ``[B, T]`` bool mask.
+
+    Args:
+        chosen: indices into the candidates of all ranks, numbered in rank order (one process: its own).
+        offset: the number of this rank's first candidate in that numbering.
+        flat: this rank's candidates, as positions in ``like.flatten()``.
+        like: a ``[B, T]`` tensor of this rank's micro- or mini-batch (its shape and device are used).
+    """
+    mine = chosen[(chosen >= offset) & (chosen < offset + flat.numel())] - offset
+    selected = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    selected[flat[mine]] = True
+    return selected.view_as(like)

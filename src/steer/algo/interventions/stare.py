@@ -39,7 +39,7 @@ import torch
 
 from steer.algo.aggregation import masked_mean
 from steer.algo.interventions.base import Intervention, PolicyTokens, PPOTerms
-from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope
+from steer.algo.interventions.scope import NEEDS_PPO, RowCursor, check_scope, own_selection
 from steer.distributed import all_gather_1d
 
 VARIANTS = ("O1", "C2")
@@ -66,10 +66,7 @@ def top_surprisal(
         values, offset = all_gather_1d(values)
     count = subset_size(values.numel(), top_ratio)
     order = torch.sort(values, descending=True, stable=True).indices[:count]
-    mine = order[(order >= offset) & (order < offset + flat.numel())] - offset
-    selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
-    selected[flat[mine]] = True
-    return selected.view_as(candidates)
+    return own_selection(order, offset, flat, candidates)
 
 
 class SurprisalAdvantageReweighting(Intervention):

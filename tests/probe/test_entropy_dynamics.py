@@ -13,11 +13,11 @@ import pytest
 import torch
 from scipy import stats
 
-from steer.algo import entropy_dynamics as ed
-from steer.algo.interventions.base import PolicyTokens
+from steer.algo.interventions.base import ClipConfig, PolicyTokens
 from steer.algo.interventions.steer import SteerReweighting
 from steer.algo.interventions.steer_extensions import SteerBandReweighting, SteerQuantileReweighting
-from steer.algo.policy_loss import ClipConfig, ppo_token_loss
+from steer.algo.policy_loss import ppo_token_loss
+from steer.probe import entropy_dynamics as ed
 
 torch.set_num_threads(1)
 

@@ -92,7 +92,8 @@ def mismatch_statistics(train_logprobs: torch.Tensor, sampler_logprobs: torch.Te
 class RolloutCorrection(Intervention):
     """The correction as a loss hook: a no-grad token weight (``token_tis``) or a keep mask (``seq_mask``).
 
-    The module appends it when ``algorithm.rollout_correction != none``; it reads
+    :func:`steer.algo.interventions.assemble_interventions` appends it when
+    ``algorithm.rollout_correction != none``; it reads
     ``tokens.old_logprobs`` (pi_train) and ``tokens.sampler_logprobs`` (pi_sampler).
     """
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from steer.callbacks.evaluation import (
+from steer.eval.benchmarks import (
     Benchmark,
     EvaluationCallback,
     answer_extractor,

@@ -30,20 +30,25 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
 from tqdm.auto import tqdm
 
 from steer.algo.logprobs import response_logprobs_and_entropy
+from steer.data.checks import check_records_spec
 from steer.data.prompts import encode_prompts
 from steer.data.records import PromptRecord
 from steer.distributed import gather_objects, rank, world_size
 from steer.eval.metrics import bootstrap_ci, maj_at_k, pass_at_k, solution_diversity
+from steer.knobs import ConfigError, number, select
 from steer.rewards.base import Reward, score_safely
 from steer.rollout.base import SamplingParams
 
@@ -388,3 +393,51 @@ class EvaluationCallback(L.Callback):
         if module.rl_step != self._last_evaluated_step:
             self.run(module)
         self.close()
+
+
+def print_results(results: list[EvalResult], title: str) -> None:
+    """One row per (benchmark, accuracy metric) with its 95% CI; entropy and length once per benchmark."""
+    table = Table(title=title)
+    for column in ("benchmark", "metric", "value [95% CI]", "entropy", "length"):
+        table.add_column(column, justify="left" if column in ("benchmark", "metric") else "right")
+    for result in results:
+        m = result.metrics
+        accuracy = [key for key in m if key.startswith(("mean_at_", "pass_at_", "maj_at_")) and "_ci_" not in key]
+        for index, key in enumerate(accuracy or ["-"]):
+            first = index == 0
+            value = f"{m[key]:.3f} [{m[key + '_ci_low']:.2f}, {m[key + '_ci_high']:.2f}]" if key in m else "-"
+            table.add_row(
+                f"{result.benchmark} ({result.num_prompts})" if first else "", key, value,
+                f"{m['entropy']:.3f}" if first and "entropy" in m else "",
+                f"{m['response_length_mean']:.0f}" if first and "response_length_mean" in m else "",
+            )
+    Console().print(table)
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """``eval.*``: the schedule, each benchmark's sampling knobs and data."""
+    if select(cfg, "eval") is None:
+        return
+    number("eval.every_n_steps", select(cfg, "eval.every_n_steps"), 1, integer=True)
+    number("eval.max_prompt_length", select(cfg, "eval.max_prompt_length"), 1, integer=True)
+    allowed_keys = sorted(f.name for f in fields(Benchmark) if f.name != "name")
+    for name in (select(cfg, "eval.benchmarks") or {}):
+        knob = f"eval.benchmarks.{name}"
+        spec = select(cfg, knob)
+        unknown = sorted(set(spec) - set(allowed_keys))
+        if unknown:
+            raise ConfigError(f"{knob}: unknown key(s) {unknown}; allowed keys: {', '.join(allowed_keys)}")
+        if "records" not in spec:
+            raise ConfigError(f"{knob}.records is missing; allowed: a dataset spec with a _target_ loader")
+        samples = select(spec, "samples_per_prompt", 4)
+        if samples is not None:
+            number(f"{knob}.samples_per_prompt", samples, 1, integer=True,
+                    allowed="an integer >= 1, or null for the records' num_copies")
+        number(f"{knob}.temperature", select(spec, "temperature", 1.0), 0, low_open=True)
+        number(f"{knob}.top_p", select(spec, "top_p", 1.0), 0, 1, low_open=True)
+        number(f"{knob}.max_new_tokens", select(spec, "max_new_tokens", 40), 1, integer=True)
+        number(f"{knob}.batch_prompts", select(spec, "batch_prompts", 64), 1, integer=True)
+        for key in ("pass_at_k", "maj_at_k"):
+            for k in select(spec, key) or []:
+                number(f"{knob}.{key}", k, 1, integer=True, allowed="a list of integers >= 1, or null")
+        check_records_spec(f"{knob}.records", spec.records)

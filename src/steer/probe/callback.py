@@ -1,12 +1,12 @@
 """The entropy-dynamics probe: predicted vs measured entropy change, quadrants, entropy detail, figures.
 
-A Lightning callback that is also a :class:`steer.module.StepObserver` (it registers itself with the
+A Lightning callback that is also a :class:`steer.observers.StepObserver` (it registers itself with the
 module in ``setup``). What it logs, into the step's metrics (names in docs/metrics_entropy_dynamics.md):
 
 - every ``every_n_steps`` RL steps, on ``probe_sequences`` sampled sequences of the mini-batch that
   optimiser step ``optimizer_step`` trains on: the entropy at every response state before that
   optimiser step and at the same states after it; the measured per-token change is compared with
-  the three per-token predictors of :mod:`steer.algo.entropy_dynamics` and the parameter-space
+  the three per-token predictors of :mod:`steer.probe.entropy_dynamics` and the parameter-space
   predictor ``<grad_theta H(s), Delta theta>`` of the actual update, one forward-mode JVP over the
   probed states (``probe/<predictor>/...``; it keeps one copy of the parameters from just before the
   probed optimiser step until just after it);
@@ -26,18 +26,18 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 import numpy as np
 import torch
 
-from steer.algo import entropy_dynamics as ed
 from steer.algo.interventions.base import PolicyTokens
-from steer.algo.interventions.steer import SteerReweighting, first_order_omega, released_omega
-from steer.algo.policy_loss import ClipConfig, ppo_token_loss
-from steer.module import StepContext, StepObserver
+from steer.algo.interventions.steer import SteerReweighting
+from steer.algo.policy_loss import effective_clip, ppo_token_loss
+from steer.observers import StepContext, StepObserver
+from steer.probe import entropy_dynamics as ed
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ def metric_safe(name: str) -> str:
 def finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
     """Drop undefined statistics (a correlation of constant data is NaN): absent, not NaN, in MLflow."""
     return {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
-
-
-def effective_clip(clip: ClipConfig, interventions: Iterable) -> ClipConfig:
-    for intervention in interventions:
-        clip = intervention.adjust_clip(clip)
-    return clip
 
 
 @dataclass
@@ -170,7 +164,7 @@ class EntropyProbe(L.Callback, StepObserver):
 
     # ------------------------------------------------------------------ the probe
     def _probe_rows(self, module, context: StepContext) -> torch.Tensor:
-        minibatches = module._minibatch_rows(context.rollout.response_ids.shape[0])
+        minibatches = module.minibatch_rows(context.rollout.response_ids.shape[0])
         candidates = minibatches[self.optimizer_step % len(minibatches)]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + context.step)
         chosen = torch.randperm(len(candidates), generator=generator)[: self.probe_sequences]
@@ -419,7 +413,7 @@ def steer_weights_on_policy(module, context: StepContext, intervention: SteerRew
     weights = torch.ones_like(context.old_logprobs, dtype=torch.float64)
     omega = torch.zeros_like(weights)
     clip = effective_clip(module.clip, module.interventions)
-    for rows in module._minibatch_rows(rollout.response_ids.shape[0]):
+    for rows in module.minibatch_rows(rollout.response_ids.shape[0]):
         width = int(rollout.response_lengths[rows].max().clamp(min=1))
         logprobs = context.old_logprobs[rows, :width]
         entropy = context.old_entropy[rows, :width]
@@ -428,18 +422,12 @@ def steer_weights_on_policy(module, context: StepContext, intervention: SteerRew
         ppo = ppo_token_loss(tokens.logprobs, tokens.old_logprobs, tokens.advantages, clip)
         if intervention.needs_minibatch_pass:
             intervention.begin_minibatch(tokens, ppo)
-        micro = module.algorithm.micro_batch_size or len(rows)
-        for start in range(0, len(rows), micro):
-            part = slice(start, start + micro)
+        for part in module.microbatch_slices(len(rows)):
             sub = PolicyTokens(*(t[part] for t in (tokens.logprobs, tokens.entropy, tokens.old_logprobs,
                                                    tokens.old_entropy, tokens.advantages, tokens.mask)))
             sub_ppo = ppo_token_loss(sub.logprobs, sub.old_logprobs, sub.advantages, clip)
             weights[rows[part], :width] = intervention.token_weights(sub, sub_ppo, {}).double()
-        if intervention.omega == "released":
-            signed = released_omega(tokens.advantages, logprobs, logprobs, entropy)
-        else:
-            signed = first_order_omega(tokens.advantages, ppo.ratio, ppo.clipped, logprobs, entropy)
-        omega[rows, :width] = torch.where(torch.isfinite(signed), signed, torch.zeros_like(signed))
+        omega[rows, :width] = intervention.signed_omega(tokens, ppo)
     return weights, omega * context.rollout.response_mask
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from steer.algo.policy_loss import ClipConfig
+from steer.algo.interventions.base import ClipConfig
 from steer.app import train
-from steer.callbacks.entropy_probe import EntropyProbe
-from steer.data.records import PromptRecord
-from steer.module import PromptBatch, StepContext
+from steer.probe.callback import EntropyProbe
+from steer.data.records import PromptBatch, PromptRecord
+from steer.observers import StepContext
 from steer.rewards.base import RewardOutput
 from steer.rollout.base import RolloutBatch
 from tests.conftest import TINY_RUN, compose
@@ -53,9 +53,12 @@ class UniformPolicyModule:
     def __init__(self) -> None:
         self.support = 4
 
-    def _minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
+    def minibatch_rows(self, num_sequences: int) -> list[torch.Tensor]:
         half = num_sequences // 2
         return [torch.arange(0, half), torch.arange(half, num_sequences)]
+
+    def microbatch_slices(self, num_rows: int) -> list[slice]:
+        return [slice(0, num_rows)]
 
     def logprobs_and_entropy(self, rollout, rows, width):
         shape = (len(rows), width)
@@ -89,7 +92,7 @@ def test_measured_change_known_answer(optimizer_step, tokens):
     probe = EntropyProbe(every_n_steps=1, probe_sequences=8, optimizer_step=optimizer_step, figures=(),
                          parameter_space=False)  # the stand-in has no parameters
     probe.before_update(module, context)
-    for index, rows in enumerate(module._minibatch_rows(4)):
+    for index, rows in enumerate(module.minibatch_rows(4)):
         if index == optimizer_step:
             module.support = 2  # the "optimiser step" under measurement
         probe.after_optimizer_step(module, context, rows, index)
@@ -112,7 +115,7 @@ class LinearPolicyModule(UniformPolicyModule):
 
 def test_parameter_space_predictor_turns_itself_off_when_the_jvp_fails(monkeypatch, caplog):
     """An op without a forward-mode rule must not stop training or the other predictors."""
-    from steer.algo import entropy_dynamics as ed
+    from steer.probe import entropy_dynamics as ed
 
     def no_forward_mode(*args, **kwargs):
         raise NotImplementedError("Trying to use forward AD with some_kernel that does not support it")
@@ -126,7 +129,7 @@ def test_parameter_space_predictor_turns_itself_off_when_the_jvp_fails(monkeypat
     with torch.no_grad():
         module.policy.weight.add_(1.0)
     module.support = 2
-    probe.after_optimizer_step(module, context, module._minibatch_rows(4)[0], 0)
+    probe.after_optimizer_step(module, context, module.minibatch_rows(4)[0], 0)
     assert context.metrics["probe/measured_sum"] == pytest.approx(-4 * math.log(2))
     assert "probe/first_order_omega/scale" in context.metrics
     assert not any(key.startswith("probe/parameter_space") for key in context.metrics)
@@ -136,7 +139,7 @@ def test_parameter_space_predictor_turns_itself_off_when_the_jvp_fails(monkeypat
 
 def test_probe_in_a_tiny_end_to_end_run(tmp_path):
     cfg = compose([*TINY_RUN, "algorithm.steps=2", "intervention=steer_band", "logger=mlflow",
-                   "reward._target_=tests.callbacks.test_entropy_probe.HalfSilentReward",
+                   "reward._target_=tests.probe.test_callback.HalfSilentReward",
                    "callbacks.entropy_probe.every_n_steps=1"], tmp_path)
     metrics = train(cfg)
     for predictor in ("released_omega", "first_order_omega", "covariance", "parameter_space"):
