@@ -66,7 +66,7 @@ assert "WARNING" not in log, "a warning in the run's console"
 (store,) = folder.glob("runs/outputs/*/*/mlflow.db")  # one run: runs/outputs/<date>/<time>_<name>/mlflow.db
 db = sqlite3.connect(store)
 (run_id, status, artifacts), = db.execute(
-    "SELECT run_uuid, status, artifact_uri FROM runs JOIN experiments USING (experiment_id) WHERE name = 'steer-lab'")
+    "SELECT run_uuid, status, artifact_uri FROM runs JOIN experiments USING (experiment_id) WHERE experiments.name = 'steer-lab'")
 assert status == "FINISHED", status
 steps = [s for (s,) in db.execute("SELECT step FROM metrics WHERE run_uuid = ? AND key = 'reward/accuracy' ORDER BY step", (run_id,))]
 assert steps == [0, 1], steps
