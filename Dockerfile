@@ -23,10 +23,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # make: the README's commands work inside the image too (the test suite expands them with make -n).
-# The base image's tag fixes the Ubuntu release; exact apt versions would break as its archive moves.
+# tini: PID 1 that reaps orphans (the code reward's sandbox kills escaped daemons; as PID 1 the
+# trainer itself would keep them as zombies). The base image's tag fixes the Ubuntu release; exact
+# apt versions would break as its archive moves.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev ca-certificates util-linux make \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev ca-certificates util-linux make tini \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -64,4 +66,4 @@ ENV STEER_DATA_DIR=/data \
 VOLUME ["/runs", "/data", "/cache"]
 USER 1000:1000
 WORKDIR /runs
-ENTRYPOINT ["python", "/opt/steer-lab/src/run.py"]
+ENTRYPOINT ["tini", "--", "python", "/opt/steer-lab/src/run.py"]

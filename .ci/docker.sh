@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI: build the CPU image with a real container engine and run it (README, "Build the images").
 # Installs podman from the package archive when no Docker daemon answers (apt-get: podman runc
-# debootstrap, without recommends), builds steer-lab:cpu with `make image-cpu` (scripts/build_image.sh:
+# debootstrap catatonit, without recommends), builds steer-lab:cpu with `make image-cpu` (scripts/build_image.sh:
 # it says which base and which package sources it took), then runs in the image:
 #   1. `--cfg job` (the composed config, no run);
 #   2. a 2-step training run into a mounted runs/ folder, whose MLflow store is then read from the
@@ -19,10 +19,12 @@ TAG=steer-lab:cpu
 if [[ -z "${ENGINE:-}" ]]; then
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker; else ENGINE=podman; fi
 fi
-if [[ "$ENGINE" == podman ]] && ! { command -v podman && command -v runc && command -v debootstrap; } >/dev/null; then
-  say "installing podman runc debootstrap from the package archive"
+# catatonit: podman's --init (the README's test-suite line); a recommended package, so named here
+if [[ "$ENGINE" == podman ]] && ! { command -v podman && command -v runc && command -v debootstrap &&
+                                    [[ -x /usr/libexec/podman/catatonit ]]; } >/dev/null; then
+  say "installing podman runc debootstrap catatonit from the package archive"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap catatonit >/dev/null
 fi
 export ENGINE
 installed=$SECONDS

@@ -65,7 +65,9 @@ def readme_commands(program: str) -> list[list[str]]:
 def test_image_runs_src_run_py_as_a_non_root_user_with_volumes(image):
     dockerfile = IMAGES[image]
     entrypoint = __import__("json").loads(last(dockerfile, "ENTRYPOINT"))  # exec form: arguments are appended
-    assert entrypoint == ["python", f"{PROJECT_IN_IMAGE}/src/run.py"]
+    # behind an init (tini) that reaps the orphans of the code reward's sandbox
+    assert entrypoint == ["tini", "--", "python", f"{PROJECT_IN_IMAGE}/src/run.py"]
+    assert any(re.search(r"apt-get install [^&]*\btini\b", a) for i, a in instructions(dockerfile) if i == "RUN")
     copied = {args.split()[-1].rstrip("/") for instruction, args in instructions(dockerfile) if instruction == "COPY"}
     assert {"./src", "./conf"} <= copied and last(dockerfile, "WORKDIR") == "/runs"
     assert [args for i, args in instructions(dockerfile) if i == "WORKDIR"][0] == PROJECT_IN_IMAGE
@@ -315,3 +317,5 @@ def test_ci_builds_and_runs_the_cpu_image_with_the_readmes_commands():
     assert [w for line in lines for w in shlex.split(line[0]) if w in ("--cfg", "algorithm.steps=2", "pytest")] == \
         ["--cfg", "algorithm.steps=2", "pytest"]
     assert "-w /opt/steer-lab" in lines[2][0] and "../shared/data:/data:ro" in lines[2][0]
+    # --entrypoint python makes pytest PID 1: --init reaps the sandbox tests' orphans (else zombies fail them)
+    assert "--init" in shlex.split(lines[2][0])
