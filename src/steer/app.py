@@ -27,7 +27,7 @@ from steer.data.checks import check_data
 from steer.data.datamodule import PromptDataModule
 from steer.data.prompts import check_prompts_fit
 from steer.eval.benchmarks import Benchmark, EvaluationCallback, print_results
-from steer.knobs import ConfigError
+from steer.knobs import ConfigError, may_use_gpu
 from steer.models.loader import load_policy, load_policy_tokenizer
 from steer.models.precision import lightning_precision
 from steer.module import RLVRModule
@@ -236,8 +236,7 @@ def _flat_params(cfg: DictConfig) -> dict[str, str]:
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    wants_gpu = may_use_gpu(cfg.trainer.get("accelerator", "auto"))
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 

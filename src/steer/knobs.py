@@ -75,6 +75,15 @@ def preset_choice(group: str) -> str | None:
         return None
 
 
+GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+"""``trainer.accelerator`` values under which a run uses a CUDA GPU when one is present."""
+
+
+def may_use_gpu(accelerator: Any) -> bool:
+    """Whether ``trainer.accelerator=<accelerator>`` lets the run use a CUDA GPU (when one is present)."""
+    return str(accelerator) in GPU_ACCELERATORS
+
+
 def divisors(count: int, shown: int = 12) -> str:
     """The divisors of ``count`` as an "allowed:" list (the first ``shown``)."""
     small = [d for d in range(1, math.isqrt(count) + 1) if count % d == 0]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from omegaconf import DictConfig
 
-from steer.knobs import ConfigError, number, one_of, preset_choice, select, writable_folder
+from steer.knobs import ConfigError, may_use_gpu, number, one_of, preset_choice, select, writable_folder
 from steer.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def check_model(cfg: DictConfig) -> None:
     # GPU without bfloat16 support is refused.
     import torch
 
-    if dtype == "bfloat16" and _wants_gpu(cfg) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if dtype == "bfloat16" and may_use_gpu(select(cfg, "trainer.accelerator", "auto")) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; allowed here: float32, float16")
     one_of("model.gradient_checkpointing", select(cfg, "model.gradient_checkpointing", False), {True, False})
     cache_dir = select(cfg, "model.cache_dir")
@@ -305,7 +305,3 @@ def _check_tiny_heads(num_heads: Any, num_kv_heads: Any) -> None:
     if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads not in divisors:
         raise ConfigError(f"model.tiny.num_kv_heads={num_kv_heads!r} is not valid: it must divide "
                           f"model.tiny.num_heads={num_heads}; allowed: null (= num_heads) or one of {divisors}")
-
-
-def _wants_gpu(cfg: DictConfig) -> bool:
-    return str(select(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda")

@@ -117,7 +117,7 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
-from steer.knobs import ConfigError
+from steer.knobs import ConfigError, may_use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
     from steer.models.precision import stepped_dtype
 
     if gpu is None:
-        gpu = str(_knob(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda") and _cuda_available()
+        gpu = may_use_gpu(_knob(cfg, "trainer.accelerator", "auto")) and _cuda_available()
     strategy_target = str(_knob(cfg, "trainer.strategy._target_", "") or "")
     fsdp = "FullyShardedStrategy" in strategy_target
     ranks = _count_devices(_knob(cfg, "trainer.devices", 1), gpu) * int(_knob(cfg, "trainer.num_nodes", 1))
@@ -755,7 +755,7 @@ def check_memory(cfg: Any) -> None:
     if _knob(cfg, "mode", "train") != "train" or not _knob(cfg, "model.path"):
         return  # nothing trains, or the embedded tiny model (megabytes)
     accelerator = str(_knob(cfg, "trainer.accelerator", "auto"))
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and _cuda_available()
+    on_gpu = may_use_gpu(accelerator) and _cuda_available()
     # A GPU config rehearsed on a CPU (a dry run) prints its estimate; a CPU run keeps it in the debug log.
     level = logging.INFO if on_gpu or accelerator in ("gpu", "cuda") else logging.DEBUG
     device_bytes = None

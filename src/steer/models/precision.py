@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 
-from steer.knobs import ConfigError, one_of, select
+from steer.knobs import ConfigError, may_use_gpu, one_of, select
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def resolve_compute_dtype(setting: str, accelerator: str | None = "auto") -> str
     bfloat16 arithmetic run it slower than float32)."""
     if setting != "auto":
         return setting
-    if str(accelerator) not in ("auto", "gpu", "cuda"):
+    if not may_use_gpu(accelerator):
         return "float32"
     import torch
 
@@ -83,7 +83,7 @@ def check_precision(cfg) -> None:
     every fine-tuning learning rate. Also validates ``model.compute_dtype``."""
     compute = select(cfg, "model.compute_dtype", "float32")
     one_of("model.compute_dtype", compute, COMPUTE_DTYPES)
-    if compute == "bfloat16" and str(select(cfg, "trainer.accelerator", "auto")) in ("auto", "gpu", "cuda"):
+    if compute == "bfloat16" and may_use_gpu(select(cfg, "trainer.accelerator", "auto")):
         import torch
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():

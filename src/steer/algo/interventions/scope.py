@@ -6,8 +6,9 @@ max |Omega|, the covariance means, the top-k and the random draw) over one GPU m
 of its micro-batches and over every rank (``torch.distributed``, only when it is initialised), so
 the selection no longer depends on the micro-batch size or the number of devices.
 
-The collectives they use live in :mod:`steer.distributed`. Global selections are made in ``begin_minibatch`` on the whole local mini-batch; the micro-batches
-that follow take consecutive row slices of it (:class:`RowCursor`).
+Global selections are made in ``begin_minibatch`` on the whole local mini-batch; the micro-batches
+that follow take consecutive row slices of it (:class:`RowCursor`). The collectives they use live
+in :mod:`steer.distributed`.
 """
 
 from __future__ import annotations
