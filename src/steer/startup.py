@@ -25,11 +25,12 @@ from steer.models.precision import check_precision
 from steer.models.sharding import check_fsdp
 from steer.rewards.base import check_rewards
 from steer.rollout.base import check_rollout_engine
+from steer.rollout.vllm import check_engine_layout
 from steer.tracking import check_logger
 
 
 STARTUP_CHECKS: list[Callable[[DictConfig], None]] = [
-    check_run, check_rollout_engine, check_model, check_precision, check_memory, check_data, check_eval, check_rewards, check_checkpoint,
+    check_run, check_rollout_engine, check_engine_layout, check_model, check_precision, check_memory, check_data, check_eval, check_rewards, check_checkpoint,
     check_resume, check_output, check_logger, check_fsdp,
 ]
 """Section checks :func:`check_config` runs, in order (cheap ones first; the tracking probe last)."""

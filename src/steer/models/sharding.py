@@ -97,8 +97,8 @@ class FullyShardedStrategy(ModelParallelStrategy):
 
 
 def check_fsdp(cfg: DictConfig) -> None:
-    """``trainer=fsdp``: a known ``mixed_precision``, a model large enough to shard, and an HF rollout
-    engine (the vLLM engine cannot take FSDP's shards yet)."""
+    """``trainer=fsdp``: a known ``mixed_precision`` and a model large enough to shard. (Rollout
+    engines take FSDP's shards: :mod:`steer.rollout.weight_sync` gathers them for vLLM.)"""
     trainer = cfg.get("trainer")
     strategy = trainer.get("strategy") if trainer is not None else None
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
@@ -111,13 +111,4 @@ def check_fsdp(cfg: DictConfig) -> None:
             raise ConfigError(
                 "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "
                 "model (~0.5M parameters), far too small to shard; use trainer=ddp, or set model.path"
-            )
-        engine = str(((cfg.get("rollout") or {}).get("engine") or {}).get("_target_", ""))
-        if engine.endswith("VLLMRolloutEngine"):
-            # The engine starts from save_pretrained and pushes state_dict() tensors; under FSDP both
-            # are shards (DTensors). Gathering them for the engine is not built yet.
-            raise ConfigError(
-                "rollout=vllm with trainer=fsdp: the vLLM engine needs the full weights, which FSDP shards "
-                "over ranks (not supported yet); allowed: trainer=ddp or trainer=default with rollout=vllm, "
-                "or trainer=fsdp with rollout=hf"
             )
