@@ -17,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -181,9 +182,10 @@ def build_logger(cfg: DictConfig, resume: dict | None = None):
     saved = (resume or {}).get("mlflow")
     if saved and cfg.get("logger"):
         logger = instantiate(cfg.logger, run_id=saved["run_id"], tracking_uri=saved["tracking_uri"])
-        skip_logged_steps(logger, resume["rl_step"])
-        logged = logger.experiment.get_run(logger.run_id).data.params  # MLflow refuses to change a param
-        logger.log_hyperparams({k: v for k, v in _flat_params(cfg).items() if k not in logged})
+        if rank_zero_only.rank == 0:  # the other ranks of a multi-process run hold a stand-in experiment
+            skip_logged_steps(logger, resume["rl_step"])
+            logged = logger.experiment.get_run(logger.run_id).data.params  # MLflow refuses to change a param
+            logger.log_hyperparams({k: v for k, v in _flat_params(cfg).items() if k not in logged})
         return logger
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:

@@ -86,8 +86,12 @@ def resume_arguments(arguments: list[str]) -> list[str]:
     if not resume or resume[-1].split("=", 1)[1] in ("", "null", "None"):
         return arguments
     folder, checkpoint = resolve_resume(resume[-1].split("=", 1)[1])
-    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in arguments):
+    # Lightning starts the other ranks of a multi-process run with this command line plus
+    # hydra.run.dir=<the run folder> (and hydra.job.name): that folder is the one resumed.
+    run_dirs = [Path(a.split("=", 1)[1].strip("\"'")).resolve() for a in arguments if a.startswith("hydra.run.dir=")]
+    if any(a in ("-m", "--multirun") for a in arguments) or any(d != folder for d in run_dirs):
         raise ConfigError("resume= continues one run in its own folder: drop -m/--multirun and hydra.run.dir")
+    arguments = [a for a in arguments if not a.startswith("hydra.run.dir=")]
     saved_file = folder / ".hydra" / "overrides.yaml"
     if not saved_file.is_file():
         raise ConfigError(f"resume: {saved_file} not found; a run started by src/run.py has it "
@@ -97,7 +101,7 @@ def resume_arguments(arguments: list[str]) -> list[str]:
     extra = [a for a in arguments if not a.startswith("-") and _override_key(a) != "resume"]
     replaced = {_override_key(o) for o in extra}
     kept = [o for o in saved if _override_key(o) not in replaced]
-    changed = [o for o in extra if o not in saved]
+    changed = [o for o in extra if o not in saved and not o.startswith("hydra.")]
     if changed:
         log.warning("resume: overrides %s change the saved run's config; the continuation is exact only "
                     "for knobs that do not affect training (e.g. a larger algorithm.steps)", changed)
