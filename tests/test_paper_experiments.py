@@ -35,6 +35,9 @@ PAPER = {
     "rollout.max_new_tokens": 3072,
     "rollout.temperature": 1.0,
     "rollout.top_p": 1.0,
+    "rollout.engine._target_": "steer.rollout.vllm.VLLMRolloutEngine",  # vLLM rollouts ...
+    "rollout.engine.tensor_parallel_size": 4,  # ... tensor parallel 4 ...
+    "trainer.devices": 8,                    # ... on one node of 8 GPUs: 2 engines
     "reward.mode": "dapo_strict",
     "data.train.source": "../shared/data/math/DAPO-Math-17k.parquet",
     "intervention.name": "steer",
@@ -100,9 +103,8 @@ SIBLINGS = {
     "steer_math_1p5b": ({"model.path", "model.gradient_checkpointing", "trainer.", "rollout.engine.", "run_name", "logger.run_name"},
                         {"model.path": "Qwen/Qwen2.5-Math-1.5B", "trainer.devices": 1, "trainer.precision": "bf16-mixed",
                          "model.gradient_checkpointing": True, "rollout.engine._target_": "steer.rollout.vllm.VLLMRolloutEngine"}),
-    # the 14B's key/value cache: half as many sequences generated at once, to fit 80 GB (README: GPUs, memory)
-    "steer_math_14b": ({"model.path", "rollout.engine.max_batch_sequences", "run_name", "logger.run_name"},
-                       {"model.path": "Qwen/Qwen2.5-14B", "rollout.engine.max_batch_sequences": 32}),
+    # only the model: steer_math's layout (2 vLLM engines of tensor parallel 4) holds the 14B too
+    "steer_math_14b": ({"model.path", "run_name", "logger.run_name"}, {"model.path": "Qwen/Qwen2.5-14B"}),
     "steer_math_extreme": ({"intervention.", "run_name", "logger.run_name"}, {
         "intervention.name": "steer_extreme", "intervention.components.clip_higher.low": 0.99,
         "intervention.components.clip_higher.high": 5.0, "intervention.components.steer.lambda_min": 0.8}),

@@ -118,11 +118,25 @@ def test_vllm_takes_its_share_while_generating_and_nothing_asleep():
     layout = paper_layout(fsdp=False, ranks=1, engine="vllm", gpu_memory_utilization=0.4, sleep_level=1)
     device = 80 * GiB
     asleep = estimate(KNOWN_ARCHITECTURES["Qwen/Qwen2.5-Math-1.5B"], layout, device)
-    assert asleep.total("rollout") == int(0.4 * device)
+    # the engine's share, and the weight sync's one bucket (the 1 GiB limit: the 1.5B's largest
+    # unit, its 0.47 GB bf16 embedding, is below it)
+    assert asleep.total("rollout") == int(0.4 * device) + 2**30
+    assert [line.bytes for line in asleep.lines if line.name == "weight-sync bucket"] == [2**30]
     assert not any("vLLM" in line.name for line in asleep.lines if line.phase == "update")
     awake = estimate(KNOWN_ARCHITECTURES["Qwen/Qwen2.5-Math-1.5B"], paper_layout(
         fsdp=False, ranks=1, engine="vllm", gpu_memory_utilization=0.4, sleep_level=0), device)
     assert awake.total("update") == asleep.total("update") + int(0.4 * device)
+
+
+def test_a_fixed_kv_cache_engine_splits_its_weights_over_tensor_parallel_ranks():
+    arch = SEVEN_B
+    kv = 4 * GiB
+    one, four = (estimate(arch, paper_layout(engine="vllm", kv_cache_memory_bytes=kv, engine_tensor_parallel=tp))
+                 for tp in (1, 4))
+    engine = {tp: [line.bytes for line in result.lines if line.name == "vLLM engine"][0] for tp, result in ((1, one), (4, four))}
+    assert engine[1] == arch.parameters * 2 + kv and engine[4] == arch.parameters * 2 // 4 + kv
+    # the 7B's embedding (152,064 x 3,584 x 2 B = 1.09 GB) is one unit above the 1 GiB limit
+    assert [line.bytes for line in four.lines if line.name == "weight-sync bucket"] == [152064 * 3584 * 2]
 
 
 def test_kv_cache_matches_the_buffers_the_decoder_allocates():
@@ -205,7 +219,8 @@ def test_layout_from_the_paper_configs():
     math = layout_from_config(compose(["+experiment=steer_math"]), gpu=True)
     assert (math.fsdp, math.ranks, math.param_bytes, math.compute_bytes) == (True, 8, 4, 2)
     assert math.activation_checkpointing and math.micro_batch_sequences == 8 and math.sequence_tokens == 4096
-    assert (math.engine, math.rank_sequences, math.logprob_chunk_tokens) == ("hf", 512, 4096)
+    assert (math.engine, math.rank_sequences, math.logprob_chunk_tokens) == ("vllm", 512, 4096)
+    assert (math.engine_tensor_parallel, math.sync_bucket_bytes, math.sleep_level) == (4, 2**30, 1)
     small = layout_from_config(compose(["+experiment=steer_math_1p5b"]), gpu=True)
     assert (small.fsdp, small.ranks, small.param_bytes, small.compute_bytes) == (False, 1, 4, 2)
     assert small.activation_checkpointing and small.engine == "vllm" and small.sleep_level == 1

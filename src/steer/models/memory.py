@@ -334,6 +334,10 @@ class Layout:
     kv_cache_memory_bytes: int | None = None
     """``rollout=vllm``: a fixed KV cache instead of ``gpu_memory_utilization``."""
     engine_dtype_bytes: int = 2
+    engine_tensor_parallel: int = 1
+    """``rollout=vllm``: GPUs that share one engine (its weights are split over them)."""
+    sync_bucket_bytes: int = 2**30
+    """``rollout=vllm``: gathered weights held at once while the engine is loaded (whole decoder layers)."""
     sleep_level: int = 0
     reference_model: bool = False
     minibatch_pass_sequences: int = 0
@@ -361,7 +365,8 @@ class Layout:
             parts.append("CPU offload")
         parts.append(f"micro-batch {self.micro_batch_sequences} x {self.sequence_tokens} tokens")
         if self.engine == "vllm":
-            parts.append(f"vLLM {self.gpu_memory_utilization:g} of the GPU, sleep {self.sleep_level}")
+            engines = f"engines of tensor parallel {self.engine_tensor_parallel}, " if self.engine_tensor_parallel > 1 else ""
+            parts.append(f"vLLM {engines}{self.gpu_memory_utilization:g} of the GPU, sleep {self.sleep_level}")
         else:
             parts.append(f"HF rollout {self.generation_batch} of {self.rank_sequences} sequences at once")
         if self.reference_model:
@@ -452,6 +457,8 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
         kv_cache_memory_bytes=int(kv_bytes) if kv_bytes else None,
         # auto: bfloat16 on a GPU, else the policy's dtype (steer.rollout.vllm)
         engine_dtype_bytes=(2 if gpu else param_bytes) if engine_dtype == "auto" else DTYPE_BYTES.get(engine_dtype, param_bytes),
+        engine_tensor_parallel=int(_knob(cfg, "rollout.engine.tensor_parallel_size", 1) or 1),
+        sync_bucket_bytes=int(_knob(cfg, "rollout.engine.sync_bucket_bytes", 2**30) or 2**30),
         sleep_level=int(_knob(cfg, "rollout.engine.sleep_level", 0)),
         reference_model=float(_knob(cfg, "algorithm.kl.coef", 0.0)) > 0,
         minibatch_pass_sequences=minibatch_sequences if _uses_global_scope(cfg) else 0,
@@ -688,6 +695,11 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
     # Rollout.
     if layout.engine == "vllm":
         add(ROLLOUT, "vLLM engine", engine_bytes, _vllm_text(layout, device_bytes))
+        # The weight sync before the rollout: one bucket of whole decoder layers (or the embedding) gathered.
+        largest_unit = max(arch.layer_parameters, arch.vocab_size * arch.hidden_size) * layout.engine_dtype_bytes
+        bucket = min(max(layout.sync_bucket_bytes, largest_unit), arch.parameters * layout.engine_dtype_bytes)
+        add(ROLLOUT, "weight-sync bucket", bucket, f"max(sync_bucket_bytes {_gib(layout.sync_bucket_bytes)} GiB, largest "
+            f"unit {_gib(largest_unit)} GiB) of gathered weights x {layout.engine_dtype_bytes} B")
         if device_bytes is None and layout.kv_cache_memory_bytes is None:
             result.notes.append("vLLM takes gpu_memory_utilization x the device's memory: unknown without a device "
                                 "(pass --device-gib); its line is 0 here")
@@ -727,13 +739,14 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
 
 def _vllm_bytes(arch: Architecture, layout: Layout, device_bytes: int | None) -> int:
     if layout.kv_cache_memory_bytes is not None:
-        return arch.parameters * layout.engine_dtype_bytes + layout.kv_cache_memory_bytes
+        weights = arch.parameters * layout.engine_dtype_bytes // layout.engine_tensor_parallel
+        return weights + layout.kv_cache_memory_bytes
     return int(layout.gpu_memory_utilization * device_bytes) if device_bytes else 0
 
 
 def _vllm_text(layout: Layout, device_bytes: int | None) -> str:
     if layout.kv_cache_memory_bytes is not None:
-        return f"weights x {layout.engine_dtype_bytes} B + kv_cache_memory_bytes {_gib(layout.kv_cache_memory_bytes)} GiB"
+        return f"weights x {layout.engine_dtype_bytes} B / tensor parallel {layout.engine_tensor_parallel} + kv_cache_memory_bytes {_gib(layout.kv_cache_memory_bytes)} GiB"
     device = f"{_gib(device_bytes)} GiB" if device_bytes else "device memory (unknown)"
     return f"gpu_memory_utilization {layout.gpu_memory_utilization:g} x {device}"
 
