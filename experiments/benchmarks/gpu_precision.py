@@ -1,5 +1,6 @@
 """GPU check of float32 master weights in the paper's layout: `+experiment=steer_math` (its lr 1e-6,
-FSDP, float32 master weights, bf16 compute, HF rollouts) for a few RL steps on ONE GPU with a
+FSDP, float32 master weights, bf16 compute; HF rollouts, since vLLM is not installed on the lent
+GPU machines) for a few RL steps on ONE GPU with a
 ~0.36B decoder of Qwen2.5-0.5B's shape. Prepared to take under 10 minutes on an H100; nothing to
 download (random init, character tokenizer, saved once as a Hugging Face folder).
 
@@ -8,7 +9,7 @@ download (random init, character tokenizer, saved once as a Hugging Face folder)
 
 Three trainings, each through :func:`steer.app.train` on the composed config:
 
-1. ``configured``: the experiment as written (only sizes, the device count and the reward swapped);
+1. ``configured``: the experiment as written (only sizes, the device count, the reward and the rollout engine swapped);
 2. ``float32``: the same with float32 compute (``model.compute_dtype=float32``): the reference drift;
 3. ``bfloat16 parameters``: ``model.dtype=bfloat16`` with the precision start-up check switched
    off, the failure the check exists for (the tests' negative control, here on a GPU).
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="gpu-precision-"))
     save_model(work / "model", SMOKE_SHAPE if args.cpu_smoke else SHAPE)
-    base = ["+experiment=steer_math", f"model.path={work / 'model'}", f"algorithm.steps={args.steps}",
+    # rollout=hf: the lent GPU machines have no vLLM (the experiment's own engines are rehearsed on
+    # CPU by tests/test_paper_rehearsal.py); this check is about the update's precision.
+    base = ["+experiment=steer_math", "rollout=hf", f"model.path={work / 'model'}", f"algorithm.steps={args.steps}",
             *(SMOKE_SIZES if args.cpu_smoke else GPU_SIZES), *QUIET]
     results = {name: run(name, [*base, *extra], work / name.replace(" ", "_")) for name, extra in TRAININGS.items()}
     reference = results["float32"]["mean_abs_drift"]

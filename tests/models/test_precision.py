@@ -60,7 +60,7 @@ BASE = ["model=hf", "model.path=some/model", "data=gsm8k", "rollout.max_prompt_l
     (["model.dtype=bfloat16"], "model.dtype=bfloat16"),
     (["model.dtype=float16"], "model.dtype=float16"),
     (["trainer.precision=bf16-true"], "trainer.precision=bf16-true"),
-    (["+experiment=steer_math", "model.dtype=bfloat16"], "model.dtype=bfloat16"),
+    (["+experiment=steer_math", "rollout=hf", "model.dtype=bfloat16"], "model.dtype=bfloat16"),  # rollout=hf: no vLLM here
 ])
 def test_start_up_refuses_parameters_that_cannot_hold_the_updates(overrides, culprit):
     with pytest.raises(ConfigError) as error:
