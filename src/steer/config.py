@@ -69,6 +69,8 @@ class AlgorithmConfig:
     """Max global gradient norm; 0 disables clipping."""
     logprob_chunk_tokens: int = 4096
     """Tokens per output-head chunk when computing log-probs (bounds logits memory)."""
+    share_prompt_prefix: bool = False
+    """Run each prompt once for its ``n`` samples in every log-prob pass (update, old, reference)."""
     max_consecutive_nonfinite: int = 5
     """Consecutive optimiser steps skipped for a non-finite loss or gradient before the run stops
     (with ``checkpoints/nonfinite.ckpt``); 0 never stops."""

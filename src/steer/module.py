@@ -373,11 +373,13 @@ class RLVRModule(L.LightningModule):
         return [slice(start, start + size) for start in range(0, num_rows, size)]
 
     def logprobs_and_entropy(
-        self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None
+        self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None,
+        share_prompts: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the sampled tokens and entropies, both ``[len(rows), width]``, at the first
         ``width`` response positions of the rollout rows ``rows`` (the policy unless ``model``).
-        Carries gradient unless called under ``torch.no_grad()``."""
+        Carries gradient unless called under ``torch.no_grad()``. ``share_prompts``: run each
+        prompt once for its adjacent samples (default ``algorithm.share_prompt_prefix``)."""
         # Select the rows and cut the response first: concatenating the whole batch per micro-batch
         # would copy every sequence once per forward pass.
         input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :width]], dim=1)
@@ -389,6 +391,7 @@ class RLVRModule(L.LightningModule):
             width,
             temperature=self.sampling.temperature,
             chunk_tokens=self.algorithm.logprob_chunk_tokens,
+            share_prompts=self.algorithm.share_prompt_prefix if share_prompts is None else share_prompts,
         )
 
     @property

@@ -54,6 +54,10 @@ CASES = {
         "intervention=clip_cov", "intervention.components.clip_cov.scope=global", "intervention.components.clip_cov.ratio=0.1",
         "intervention.components.clip_cov.omega_low=-1000", "intervention.components.clip_cov.omega_high=1000",
     ],
+    # Each prompt's forward once for its samples, in micro-batches of 2 rows that cut every group of
+    # n = 4 in two: the same update on 1 and 2 processes.
+    "steer_shared": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_size=2",
+                     "algorithm.share_prompt_prefix=true"],
     "kl_cov": ["intervention=kl_cov", "intervention.components.kl_cov.scope=global", "intervention.components.kl_cov.ratio=0.1",
                "algorithm.micro_batch_size=4"],
     # FSDP on several ranks (one process: no sharding) with a saved copy of the tiny model, float32

@@ -11,6 +11,8 @@ autograd would keep through the softmax and entropy.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -116,6 +118,7 @@ def response_logprobs_and_entropy(
     *,
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the response tokens of ``[prompt | response]`` sequences.
 
@@ -124,24 +127,23 @@ def response_logprobs_and_entropy(
         input_ids: ``[B, P + R]`` left-padded prompts followed by right-padded responses.
         attention_mask: ``[B, P + R]``.
         response_length: ``R``; the last ``R`` positions are the response.
+        share_prompts: run each prompt once for all adjacent rows that repeat it (the ``n`` samples
+            of a prompt), see :func:`shared_prompt_hidden`; the same values and gradients up to
+            float round-off. Falls back to the plain forward where the model cannot take a key/value
+            cache (gradient checkpointing while training) or no two adjacent rows share a prompt.
 
     Returns:
         ``(logprob, entropy)``, each ``[B, R]`` float32 (padding positions hold garbage; mask them).
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    if _fully_sharded(model):
-        # FSDP2: only the root module's own forward gathers its parameters (embeddings, head), and
-        # it keeps them gathered for the head below and the backward; one position of logits.
-        hidden = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            output_hidden_states=True, logits_to_keep=1,
-        ).hidden_states[-1]
+    groups = prompt_groups(input_ids, attention_mask, response_length) if share_prompts and _can_cache(model) else None
+    if groups is not None:
+        hidden = shared_prompt_hidden(model, input_ids, attention_mask, response_length, *groups)
     else:
-        hidden = model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-    # Position t predicts token t + 1: the hidden states at [P - 1, P + R - 1) predict the response.
-    hidden = hidden[:, -response_length - 1 : -1]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = _backbone(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)[0]
+        # Position t predicts token t + 1: the hidden states at [P - 1, P + R - 1) predict the response.
+        hidden = hidden[:, -response_length - 1 : -1]
     head = model.get_output_embeddings()
     return chunked_logprobs_and_entropy(
         hidden,
@@ -151,6 +153,84 @@ def response_logprobs_and_entropy(
         temperature=temperature,
         chunk_tokens=chunk_tokens,
     )
+
+
+def prompt_groups(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, group)``: the first row of each run of adjacent rows with the same prompt (ids and
+    mask of the first ``P`` columns), and each row's run index; None when no two adjacent rows share."""
+    prompt_length = input_ids.shape[1] - response_length
+    if prompt_length <= 0 or response_length <= 0 or input_ids.shape[0] < 2:
+        return None
+    prompts, masks = input_ids[:, :prompt_length], attention_mask[:, :prompt_length]
+    starts = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    starts[1:] = (prompts[1:] != prompts[:-1]).any(-1) | (masks[1:] != masks[:-1]).any(-1)
+    if bool(starts.all()):
+        return None
+    return starts.nonzero().squeeze(-1), starts.long().cumsum(0) - 1
+
+
+def shared_prompt_hidden(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    first: torch.Tensor,
+    group: torch.Tensor,
+) -> torch.Tensor:
+    """The final hidden states that predict the response tokens, ``[B, R, D]``, with each prompt run once.
+
+    The prompts of the rows ``first`` go through the model with a key/value cache; the cache and the
+    prompt's last hidden state are indexed out to every row of their run (``group``), and the
+    responses go through with that cache, attending to their prompt as in one ``[prompt | response]``
+    forward (same positions, same mask). Autograd carries each row's gradient back through the
+    indexing to its prompt's one forward, where the ``n`` contributions add up: the prompt's
+    forward and backward run once per prompt instead of once per sample.
+    """
+    prompt_length = input_ids.shape[1] - response_length
+    prompt_ids, prompt_mask = input_ids[first, :prompt_length], attention_mask[first, :prompt_length]
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prompt_hidden, cache = _backbone(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                                     use_cache=True)
+    hidden = prompt_hidden[:, -1:].index_select(0, group)  # the last prompt position predicts response token 0
+    if response_length == 1:
+        return hidden
+    cache.batch_select_indices(group)
+    steps = torch.arange(response_length - 1, device=input_ids.device)
+    response_positions = prompt_mask.long().sum(-1, keepdim=True).index_select(0, group) + steps  # as cumsum(mask) - 1
+    response_hidden, _ = _backbone(
+        model, input_ids=input_ids[:, prompt_length:-1], attention_mask=attention_mask[:, :-1],
+        position_ids=response_positions, use_cache=True, cache=cache,
+    )
+    return torch.cat([hidden, response_hidden], dim=1)
+
+
+def _backbone(model: torch.nn.Module, *, cache=None, **inputs) -> tuple[torch.Tensor, object]:
+    """``(final hidden states, key/value cache)`` of the decoder, without the output head."""
+    if _fully_sharded(model):
+        # FSDP2: only the root module's own forward gathers its parameters (embeddings, head), and
+        # it keeps them gathered for the head and the backward; one position of logits.
+        forward, extra = model, {"output_hidden_states": True, "logits_to_keep": 1}
+    else:
+        forward, extra = model.get_decoder(), {}
+    cache_name = _cache_argument(forward)
+    if cache is not None:
+        extra[cache_name] = cache
+    out = forward(**inputs, **extra)
+    hidden = out.hidden_states[-1] if _fully_sharded(model) else out.last_hidden_state
+    return hidden, getattr(out, cache_name, None)
+
+
+def _cache_argument(forward: torch.nn.Module) -> str:
+    """The key/value cache's argument name (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(forward.forward).parameters else "past_key_values"
+
+
+def _can_cache(model: torch.nn.Module) -> bool:
+    """Whether a forward keeps a key/value cache: Hugging Face's gradient-checkpointed layers drop it
+    while training (and would then attend without the prompt)."""
+    return not (model.training and any(getattr(module, "gradient_checkpointing", False) for module in model.modules()))
 
 
 def _fully_sharded(model: torch.nn.Module) -> bool:

@@ -248,7 +248,7 @@ def sample_benchmark(module, benchmark: Benchmark, max_prompt_length: int) -> Be
                 cut = input_ids.shape[1] - rollout.response_ids.shape[1] + width
                 _, entropy = response_logprobs_and_entropy(
                     module.policy, input_ids[rows, :cut], attention_mask[rows, :cut], width,
-                    temperature=benchmark.temperature, chunk_tokens=chunk_tokens,
+                    temperature=benchmark.temperature, chunk_tokens=chunk_tokens, share_prompts=True,  # k samples a prompt
                 )
                 samples.entropy_sum += float((entropy * mask[:, :width]).sum())
         samples.token_count += float(rollout.response_mask.sum())

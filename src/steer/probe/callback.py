@@ -243,7 +243,8 @@ class EntropyProbe(L.Callback, StepObserver):
         delta = {name: live[name].detach() - value for name, value in before.items()}  # Adam's actual step
 
         def entropy_of(model: torch.nn.Module) -> torch.Tensor:
-            return module.logprobs_and_entropy(rollout, rows, width, model=model)[1]
+            # one plain forward under torch.func's forward-mode transform (no key/value cache in it)
+            return module.logprobs_and_entropy(rollout, rows, width, model=model, share_prompts=False)[1]
 
         started = time.perf_counter()
         try:
