@@ -85,7 +85,7 @@ def _metrics(out: Path) -> dict[str, dict[int, float]]:
 def test_the_paper_layout_ran_through_the_engines(rehearsal):
     _, _, first, second, _ = rehearsal
     for log in (first, second):
-        assert "1 engines of tensor parallel 2 over 2 ranks" in log
+        assert "1 engine of tensor parallel 2 over 2 ranks" in log
         assert "vLLM weight sync:" in log
 
 

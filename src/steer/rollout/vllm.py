@@ -437,7 +437,9 @@ class VLLMRolloutEngine:
         self.group_ranks = groups[self.engine_index]
         if size > 1:
             self.group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo")
-        return f"{world // size} engines of tensor parallel {size} over {world} ranks; this rank: engine {self.engine_index}"
+        engines = world // size
+        return (f"{engines} engine{'s' if engines > 1 else ''} of tensor parallel {size} over {world} ranks; "
+                f"this rank: engine {self.engine_index}")
 
     def _sleep(self) -> None:
         if self.can_sleep:
