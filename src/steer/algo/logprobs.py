@@ -11,6 +11,7 @@ autograd would keep through the softmax and entropy.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -207,24 +208,26 @@ def shared_prompt_hidden(
 
 
 def _backbone(model: torch.nn.Module, *, cache=None, **inputs) -> tuple[torch.Tensor, object]:
-    """``(final hidden states, key/value cache)`` of the decoder, without the output head."""
-    if _fully_sharded(model):
+    """``(final hidden states, key/value cache or None)`` of the decoder, without the output head."""
+    sharded = _fully_sharded(model)
+    if sharded:
         # FSDP2: only the root module's own forward gathers its parameters (embeddings, head), and
         # it keeps them gathered for the head and the backward; one position of logits.
         forward, extra = model, {"output_hidden_states": True, "logits_to_keep": 1}
     else:
         forward, extra = model.get_decoder(), {}
-    cache_name = _cache_argument(forward)
+    cache_name = _cache_argument(type(forward)) if inputs.get("use_cache") else None
     if cache is not None:
         extra[cache_name] = cache
     out = forward(**inputs, **extra)
-    hidden = out.hidden_states[-1] if _fully_sharded(model) else out.last_hidden_state
-    return hidden, getattr(out, cache_name, None)
+    hidden = out.hidden_states[-1] if sharded else out.last_hidden_state
+    return hidden, getattr(out, cache_name) if cache_name else None
 
 
-def _cache_argument(forward: torch.nn.Module) -> str:
+@functools.cache
+def _cache_argument(forward_class: type) -> str:
     """The key/value cache's argument name (``cache`` from transformers 5.24, ``past_key_values`` before)."""
-    return "cache" if "cache" in inspect.signature(forward.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(forward_class.forward).parameters else "past_key_values"
 
 
 def _can_cache(model: torch.nn.Module) -> bool:

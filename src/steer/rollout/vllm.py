@@ -430,7 +430,7 @@ class VLLMRolloutEngine:
         # vLLM's external launcher reads the rank layout from the environment torchrun would set.
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else rank))
+        os.environ.setdefault("LOCAL_RANK", str(rank % torch.cuda.device_count() if torch.cuda.is_available() else rank))
         self.external_launcher = True
         self.engine_index = rank // size
         groups = [list(range(start, start + size)) for start in range(0, world, size)]
