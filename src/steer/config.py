@@ -53,6 +53,9 @@ class AlgorithmConfig:
     """Prompts per optimiser step; must divide prompts_per_step (2 optimiser steps per batch here)."""
     micro_batch_size: Optional[int] = None
     """Sequences per forward/backward (gradient accumulation); null = a whole mini-batch."""
+    micro_batch_tokens: Optional[int] = None
+    """Padded tokens per forward/backward: rows sorted by length and cut into micro-batches of at most
+    this many ``rows x (longest prompt + longest response)`` (and at most micro_batch_size rows); null = off."""
     epochs: int = 1
     """Passes over each rollout batch."""
     clip: ClipSchema = field(default_factory=ClipSchema)
@@ -141,6 +144,8 @@ def check_algorithm(algorithm: AlgorithmConfig) -> None:
             f"algorithm.micro_batch_size={algorithm.micro_batch_size} must be >= 1 and divide the "
             f"mini-batch of minibatch_prompts * n = {sequences} sequences; allowed: {divisors(sequences)}, or null"
         )
+    if algorithm.micro_batch_tokens is not None:
+        number("algorithm.micro_batch_tokens", algorithm.micro_batch_tokens, 1, integer=True, allowed="an integer >= 1, or null")
     number("algorithm.clip.low", algorithm.clip.low, 0)
     number("algorithm.clip.high", algorithm.clip.high, 0)
     if algorithm.clip.dual is not None:

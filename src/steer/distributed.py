@@ -75,6 +75,10 @@ def min_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
     return int(all_reduce(torch.tensor([value], dtype=torch.int64, device=device), "min").item())
 
 
+def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
+    return int(all_reduce(torch.tensor([value], dtype=torch.int64, device=device), "max").item())
+
+
 def configured_ranks(trainer: Any) -> int | None:
     """``devices x num_nodes`` of a trainer config, or None when ``devices`` is ``auto`` / ``-1``."""
     devices = trainer.get("devices", 1) if trainer is not None else 1

@@ -23,6 +23,7 @@ import torch
 
 from steer.algo.advantages import group_advantages
 from steer.algo.aggregation import masked_mean
+from steer.algo.batching import token_budget_microbatches
 from steer.algo.interventions import assemble_interventions
 from steer.algo.interventions.base import ClipConfig, Intervention
 from steer.algo.interventions.rollout_correction import mismatch_statistics
@@ -31,7 +32,7 @@ from steer.algo.policy_loss import LossTotals, begin_minibatch, policy_loss
 from steer.checkpointing import CHECKPOINT_DIR, collect_rng_states, restore_rng_states, save_atomically
 from steer.config import AlgorithmConfig
 from steer.data.records import PromptBatch
-from steer.distributed import check_world_size, gather_objects, min_over_ranks, sum_over_ranks
+from steer.distributed import check_world_size, gather_objects, max_over_ranks, min_over_ranks, sum_over_ranks
 from steer.observers import StepContext, StepObserver
 from steer.optimizer import adamw_implementation
 from steer.rewards.base import Reward, RewardOutput, score_safely
@@ -249,29 +250,36 @@ class RLVRModule(L.LightningModule):
             max_response_length=self.sampling.max_new_tokens,
             data_parallel_size=self.data_parallel_size,
         )
-        # Every micro-batch of a mini-batch is cut to the same width, so that statistics of the whole
-        # mini-batch (scope: global) line up with each micro-batch's tokens.
-        width = int(rollout.response_lengths[rows].max().clamp(min=1))
+        # The micro-batches, as positions in rows, in the order they run (sorted by length under a
+        # token budget); each is cut to its own longest prompt and response. The mini-batch pass of
+        # scope-global interventions sees the rows in their own order, and every micro-batch tells
+        # them its positions: their selections do not depend on how the mini-batch is split.
+        parts = self.microbatches(rollout, rows)
         if any(intervention.needs_minibatch_pass for intervention in self.interventions):
-            with torch.no_grad():
-                logprobs, entropy = self.logprobs_and_entropy(rollout, rows, width)
+            logprobs = torch.zeros(len(rows), self.response_width(rollout, rows), device=self.device)
+            entropy = torch.zeros_like(logprobs)
+            with torch.no_grad():  # micro-batch by micro-batch, as the update's forwards (memory)
+                for part in parts:
+                    width = self.response_width(rollout, rows[part])
+                    logprobs[part, :width], entropy[part, :width] = self.logprobs_and_entropy(rollout, rows[part], width)
                 whole = context.policy_tokens(rows, logprobs, entropy)
             begin_minibatch(whole, self.clip, self.interventions)
 
         optimizer.zero_grad(set_to_none=True)
         metrics, loss_sum = MetricAccumulator(), torch.zeros((), device=self.device)
-        for part in self.microbatch_slices(len(rows)):
+        for index, part in enumerate(parts):
             micro = rows[part]
+            width = self.response_width(rollout, micro)
             logprobs, entropy = self.logprobs_and_entropy(rollout, micro, width)
-            if reuse_update_logprobs:  # the values phase 4 would have computed: same weights, same rows, same width
-                micro_mask = mask[part, :width]
+            if reuse_update_logprobs:  # the values phase 4 would have computed: same weights, same rows
+                micro_mask = rollout.response_mask[micro, :width]
                 context.old_logprobs[micro, :width] = logprobs.detach() * micro_mask
                 context.old_entropy[micro, :width] = entropy.detach() * micro_mask
-            tokens = context.policy_tokens(micro, logprobs, entropy)
+            tokens = context.policy_tokens(micro, logprobs, entropy, minibatch_rows=part)
             loss, micro_metrics = policy_loss(tokens, self.clip, self.interventions, self.algorithm.loss_aggregation, totals)
             # The strategy (DDP/FSDP) averages the ranks' gradients in the last micro-batch's backward
             # (the others accumulate locally), so then every rank holds the global mini-batch gradient.
-            with self._gradient_sync(part.stop >= len(rows)):
+            with self._gradient_sync(index == len(parts) - 1):
                 self.manual_backward(loss)
             loss_sum += loss.detach()
             micro_tokens = max(float(tokens.mask.sum()), 1.0)
@@ -366,24 +374,50 @@ class RLVRModule(L.LightningModule):
         size = self.minibatch_sequences
         return [torch.arange(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
 
-    def microbatch_slices(self, num_rows: int) -> list[slice]:
-        """The micro-batches of a mini-batch of ``num_rows`` rows, as slices of its rows
-        (``algorithm.micro_batch_size`` rows each; the whole mini-batch when it is unset)."""
-        size = self.algorithm.micro_batch_size or num_rows
-        return [slice(start, start + size) for start in range(0, num_rows, size)]
+    def microbatches(self, rollout: RolloutBatch, rows: torch.Tensor, rows_per_forward: int | None = None) -> list[torch.Tensor]:
+        """The micro-batches of one pass over the rollout rows ``rows``, as positions in ``rows``, in
+        the order they run.
+
+        With ``algorithm.micro_batch_tokens`` set: micro-batches of at most that many padded tokens
+        (and at most ``micro_batch_size`` rows when that is set too), the rows sorted by length,
+        longest first (:func:`steer.algo.batching.token_budget_microbatches`); under several ranks
+        every rank makes as many as the rank that needs the most (FSDP's forwards are collectives).
+        Otherwise consecutive slices of ``rows_per_forward`` rows (default ``micro_batch_size``, else
+        all of ``rows`` at once)."""
+        algo = self.algorithm
+        if algo.micro_batch_tokens is None:
+            size = rows_per_forward or algo.micro_batch_size or len(rows)
+            return list(torch.arange(len(rows), device=rows.device).split(size))
+        prompt_lengths, response_lengths = rollout.prompt_mask[rows].sum(-1).cpu(), rollout.response_lengths[rows].cpu()
+        parts = token_budget_microbatches(prompt_lengths, response_lengths, algo.micro_batch_tokens, algo.micro_batch_size)
+        if self.data_parallel_size > 1:
+            count = max_over_ranks(len(parts), device=self.device)
+            if count > len(parts):
+                parts = token_budget_microbatches(prompt_lengths, response_lengths, algo.micro_batch_tokens,
+                                                  algo.micro_batch_size, count=count)
+        return [part.to(rows.device) for part in parts]
+
+    @staticmethod
+    def response_width(rollout: RolloutBatch, rows: torch.Tensor) -> int:
+        """The longest response among ``rows`` (at least 1): the width their forward is cut to."""
+        return int(rollout.response_lengths[rows].max().clamp(min=1))
 
     def logprobs_and_entropy(
         self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None,
         share_prompts: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the sampled tokens and entropies, both ``[len(rows), width]``, at the first
-        ``width`` response positions of the rollout rows ``rows`` (the policy unless ``model``).
+        ``width`` response positions of the rollout rows ``rows`` (the policy unless ``model``), the
+        prompts cut to the rows' longest.
         Carries gradient unless called under ``torch.no_grad()``. ``share_prompts``: run each
         prompt once for its adjacent samples (default ``algorithm.share_prompt_prefix``)."""
         # Select the rows and cut the response first: concatenating the whole batch per micro-batch
-        # would copy every sequence once per forward pass.
-        input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :width]], dim=1)
-        attention = torch.cat([rollout.prompt_mask[rows], rollout.response_mask[rows, :width]], dim=1)
+        # would copy every sequence once per forward pass. Prompts are left-padded: the columns
+        # before the rows' longest prompt are padding in every row, and are left out.
+        prompt_mask = rollout.prompt_mask[rows]
+        start = prompt_mask.shape[1] - int(prompt_mask.sum(-1).max())
+        input_ids = torch.cat([rollout.prompt_ids[rows, start:], rollout.response_ids[rows, :width]], dim=1)
+        attention = torch.cat([prompt_mask[:, start:], rollout.response_mask[rows, :width]], dim=1)
         return response_logprobs_and_entropy(
             model or self.policy,
             input_ids,
@@ -413,21 +447,21 @@ class RLVRModule(L.LightningModule):
         None without a reference model). ``reuse_update_logprobs``: the policy's values of the first
         mini-batch's rows stay zeros (its update forward fills them in, see :attr:`reuse_update_logprobs`)."""
         num_rows, width = rollout.response_ids.shape
-        size = self.algorithm.micro_batch_size or self.minibatch_sequences
+        per_forward = self.algorithm.micro_batch_size or self.minibatch_sequences
 
-        def chunks(first: int):  # (rows, width of their longest response), size rows at a time
-            for start in range(first, num_rows, size):
-                rows = torch.arange(start, min(start + size, num_rows))
-                yield rows, int(rollout.response_lengths[rows].max().clamp(min=1))
+        def parts(first: int):  # the micro-batches of rows first.. and the width of their longest response
+            rows = torch.arange(first, num_rows)
+            for part in self.microbatches(rollout, rows, per_forward) if first < num_rows else []:
+                yield rows[part], self.response_width(rollout, rows[part])
 
         old_logprobs = torch.zeros(num_rows, width, dtype=torch.float32, device=rollout.response_ids.device)
         old_entropy = torch.zeros_like(old_logprobs)
         ref_logprobs = torch.zeros_like(old_logprobs) if self.reference is not None else None
         with torch.no_grad():
-            for rows, row_width in chunks(min(self.minibatch_sequences, num_rows) if reuse_update_logprobs else 0):
+            for rows, row_width in parts(min(self.minibatch_sequences, num_rows) if reuse_update_logprobs else 0):
                 old_logprobs[rows, :row_width], old_entropy[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width)
             if ref_logprobs is not None:
-                for rows, row_width in chunks(0):
+                for rows, row_width in parts(0):
                     ref_logprobs[rows, :row_width] = self.logprobs_and_entropy(rollout, rows, row_width, self.reference)[0]
         mask = rollout.response_mask
         return old_logprobs * mask, old_entropy * mask, None if ref_logprobs is None else ref_logprobs * mask

@@ -34,9 +34,11 @@ class StepContext:
     ref_logprobs: torch.Tensor | None = None
     """``[B, R]`` log pi_ref of the reference model (0 on padding); None without one."""
 
-    def policy_tokens(self, rows: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor) -> PolicyTokens:
+    def policy_tokens(self, rows: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor,
+                      minibatch_rows: torch.Tensor | None = None) -> PolicyTokens:
         """The loss's view of the rollout rows ``rows``: ``logprobs`` and ``entropy`` ``[len(rows), width]``
-        from the current forward pass, every other tensor cut to the same rows and width."""
+        from the current forward pass, every other tensor cut to the same rows and width
+        (``minibatch_rows``: see :attr:`PolicyTokens.minibatch_rows`)."""
         width = logprobs.shape[1]
         sampler_logprobs = self.rollout.sampling_logprobs
         return PolicyTokens(
@@ -48,6 +50,7 @@ class StepContext:
             mask=self.rollout.response_mask[rows, :width],
             ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows, :width],
             sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[rows, :width],
+            minibatch_rows=minibatch_rows,
         )
 
 

@@ -136,7 +136,7 @@ FUNCTIONAL_DECODER_TYPES = ("qwen2", "llama")
 """Model types our functional decoder runs (``steer.rollout.decode.FUNCTIONAL_MODEL_TYPES``)."""
 
 REPAIR_KNOBS = (
-    "algorithm.micro_batch_size (activations grow with it)",
+    "algorithm.micro_batch_size or algorithm.micro_batch_tokens (activations grow with them)",
     "trainer=fsdp trainer.devices=N (shards parameters, gradients and AdamW states over N GPUs)",
     "trainer.strategy.cpu_offload=true (FSDP: sharded states in CPU memory)",
     "rollout.engine.max_batch_sequences (rollout=hf: sequences generated at once, i.e. the KV cache)",
@@ -430,6 +430,10 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
     n = int(_knob(cfg, "algorithm.n", 1))
     minibatch_sequences = max(int(_knob(cfg, "algorithm.minibatch_prompts", 1)) // ranks, 1) * n
     micro = _knob(cfg, "algorithm.micro_batch_size") or minibatch_sequences
+    budget = _knob(cfg, "algorithm.micro_batch_tokens")
+    if budget:  # at most ceil(budget / longest sequence) full-length rows: an upper bound on its tokens
+        longest = int(_knob(cfg, "rollout.max_prompt_length", 0)) + int(_knob(cfg, "rollout.max_new_tokens", 0))
+        micro = min(micro, max(1, -(-int(budget) // max(longest, 1))))
     engine_target = str(_knob(cfg, "rollout.engine._target_", "") or "")
     engine = "vllm" if "vllm" in engine_target.lower() else "hf"
     engine_dtype = str(_knob(cfg, "rollout.engine.dtype", "auto"))

@@ -423,9 +423,9 @@ def steer_weights_on_policy(module, context: StepContext, intervention: SteerRew
         ppo = ppo_token_loss(tokens.logprobs, tokens.old_logprobs, tokens.advantages, clip)
         if intervention.needs_minibatch_pass:
             intervention.begin_minibatch(tokens, ppo)
-        for part in module.microbatch_slices(len(rows)):
+        for part in module.microbatches(rollout, rows):  # positions in rows, in the update's order
             sub = PolicyTokens(*(t[part] for t in (tokens.logprobs, tokens.entropy, tokens.old_logprobs,
-                                                   tokens.old_entropy, tokens.advantages, tokens.mask)))
+                                                   tokens.old_entropy, tokens.advantages, tokens.mask)), minibatch_rows=part)
             sub_ppo = ppo_token_loss(sub.logprobs, sub.old_logprobs, sub.advantages, clip)
             weights[rows[part], :width] = intervention.token_weights(sub, sub_ppo, {}).double()
         omega[rows, :width] = intervention.signed_omega(tokens, ppo)

@@ -75,6 +75,9 @@ class PolicyTokens:
     sampler_logprobs: torch.Tensor | None = None
     """log-probs the rollout engine reported for the sampled tokens (the distribution it sampled
     from); the rollout correction compares them with ``old_logprobs``."""
+    minibatch_rows: torch.Tensor | None = None
+    """``[B]`` positions of these rows in the mini-batch given to ``begin_minibatch`` (``scope: global``
+    selections hand them out); None: the rows that follow the previous micro-batch's."""
 
 
 @dataclass

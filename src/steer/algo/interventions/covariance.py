@@ -98,5 +98,5 @@ class CovarianceSelection(Intervention):
         if self.scope == "global":
             if self._cursor is None:
                 raise RuntimeError(f"{self.name} with scope=global: begin_minibatch was not called")
-            return self._cursor.take(*tokens.mask.shape).to(tokens.mask.device)
+            return self._cursor.take(*tokens.mask.shape, tokens.minibatch_rows).to(tokens.mask.device)
         return self.select(tokens, ppo)

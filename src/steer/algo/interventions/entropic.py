@@ -136,7 +136,7 @@ class EntropyPIControl(Intervention):
             if self._global is None:
                 raise RuntimeError("entropic with scope=global: begin_minibatch was not called")
             alpha, scale, entropy, cursor = self._global
-            high = cursor.take(*valid.shape).to(valid.device) & valid
+            high = cursor.take(*valid.shape, tokens.minibatch_rows).to(valid.device) & valid
         else:
             high = self.high_probability_tokens(tokens)
             count = int(valid.sum())

@@ -26,17 +26,22 @@ def check_scope(scope: str) -> str:
 
 
 class RowCursor:
-    """Hands out consecutive row slices of a mini-batch-level ``[B, T]`` bool selection.
+    """Hands out the rows of a mini-batch-level ``[B, T]`` bool selection to its micro-batches: the
+    given ``positions`` (micro-batches in another order, e.g. sorted by length), else consecutive slices.
 
-    Micro-batches may be padded to their own length: columns beyond the mini-batch's ``T`` are
-    padding and come back unselected.
+    Micro-batches may be cut to their own length: columns beyond the micro-batch's are left out, and
+    columns beyond the mini-batch's ``T`` are padding and come back unselected.
     """
 
     def __init__(self, selected: torch.Tensor) -> None:
         self.selected = selected
         self.row = 0
 
-    def take(self, rows: int, columns: int) -> torch.Tensor:
+    def take(self, rows: int, columns: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            if len(positions) != rows:
+                raise RuntimeError(f"scope=global: {len(positions)} row positions for a micro-batch of {rows} rows")
+            return self._cut(self.selected[positions.to(self.selected.device)], columns)
         end = self.row + rows
         if end > self.selected.shape[0]:
             raise RuntimeError(
@@ -44,10 +49,14 @@ class RowCursor:
                 f"{self.selected.shape[0]} rows; micro-batches must be consecutive row slices of the "
                 "mini-batch given to begin_minibatch, in order"
             )
-        block = self.selected[self.row : end, :columns]
+        self.row = end
+        return self._cut(self.selected[end - rows : end], columns)
+
+    @staticmethod
+    def _cut(block: torch.Tensor, columns: int) -> torch.Tensor:
+        block = block[:, :columns]
         if block.shape[1] < columns:
             block = torch.nn.functional.pad(block, (0, columns - block.shape[1]), value=False)
-        self.row = end
         return block
 
 

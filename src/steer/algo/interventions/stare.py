@@ -168,7 +168,7 @@ class SurprisalAdvantageReweighting(Intervention):
         if self.scope == "global":
             if self._cursors is None:
                 raise RuntimeError("stare with scope=global: begin_minibatch was not called")
-            plus, minus = (cursor.take(*valid.shape).to(valid.device) for cursor in self._cursors)
+            plus, minus = (cursor.take(*valid.shape, tokens.minibatch_rows).to(valid.device) for cursor in self._cursors)
         else:
             plus, minus = self.select(tokens, ppo)
         plus, minus = plus & valid, minus & valid
