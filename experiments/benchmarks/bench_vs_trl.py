@@ -39,25 +39,52 @@ TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
 
 # hidden, layers, heads of the tiny Qwen2 (character tokenizer): 305,568 and 2,382,528 parameters (vocabulary 100).
 SIZES = {"small": (96, 2, 4), "large": (192, 4, 4)}
-PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 48
+PROMPTS, SAMPLES = 8, 8
+# Response lengths, the same for both systems. fixed: a random-init policy samples its 100 tokens about
+# uniformly, so EOS ends ~38% of the responses before the 48-token limit and the rest run to it.
+# variable: the same policy with a bias on the EOS logit (with_eos_bias) that makes EOS about 1/32
+# likely at every token: lengths spread geometrically from 1 to the 128-token limit (median ~22,
+# mean ~31, ~2% truncated), the long tail of real RLVR responses.
+WORKLOADS = {"fixed": {"new_tokens": 48, "eos_probability": None}, "variable": {"new_tokens": 128, "eos_probability": 1 / 32}}
 
 
-def our_overrides(size: str, threads: int) -> list[str]:
+def with_eos_bias(model, eos_token_id: int, probability: float | None):
+    """``model`` whose output head adds a bias to the EOS logit only: with near-uniform logits (a
+    random-init policy) EOS then has about ``probability`` at every position. The head keeps its
+    (tied) weight; the bias is a parameter like any other. None: the model unchanged."""
+    import math
+
+    import torch
+
+    if probability is None:
+        return model
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[eos_token_id] = math.log(probability * (head.out_features - 1) / (1 - probability))
+    model.set_output_embeddings(biased)
+    return model
+
+
+def our_overrides(size: str, threads: int, workload_name: str = "fixed") -> list[str]:
     hidden, layers, heads = SIZES[size]
     return [
         "model.warmup=null",  # random init, as TRL gets it
         f"model.tiny.hidden_size={hidden}",
         f"model.tiny.num_layers={layers}",
         f"model.tiny.num_heads={heads}",
+        "model.tiny.max_positions=256",  # prompts + 128 new tokens
         f"algorithm.prompts_per_step={PROMPTS}",
         f"algorithm.minibatch_prompts={PROMPTS}",  # one optimiser step per rollout batch, as TRL
         f"algorithm.n={SAMPLES}",
-        f"rollout.max_new_tokens={NEW_TOKENS}",
+        f"rollout.max_new_tokens={WORKLOADS[workload_name]['new_tokens']}",
         f"threads={threads}",
     ]
 
 
-def workload(size: str, steps: int, threads: int) -> dict:
+def workload(size: str, steps: int, threads: int, workload_name: str = "fixed") -> dict:
     """What the TRL worker needs, taken from the composed config of our run (so both see the same
     model settings, prompts, learning rate, clipping and reward)."""
     sys.path.insert(0, str(HERE))
@@ -68,7 +95,7 @@ def workload(size: str, steps: int, threads: int) -> dict:
     from steer.data.prompts import render_prompt
     from steer.models.tiny import build_char_tokenizer
 
-    cfg = compose(our_overrides(size, threads))
+    cfg = compose(our_overrides(size, threads, workload_name))
     tokenizer = build_char_tokenizer()
     prompts = instantiate(cfg.data.train)
     records = [prompts[i] for i in range(PROMPTS * steps)]  # our data order: step t takes t*8 .. t*8+7
@@ -89,15 +116,21 @@ def workload(size: str, steps: int, threads: int) -> dict:
         "seed": int(cfg.seed),
         "steps": steps,
         "threads": threads,
+        "new_tokens": WORKLOADS[workload_name]["new_tokens"],
+        "eos_probability": WORKLOADS[workload_name]["eos_probability"],
     }
 
 
 # ---------------------------------------------------------------------------------------- workers
-def run_ours(size: str, steps: int, warmup: int, threads: int) -> dict:
+def run_ours(size: str, steps: int, warmup: int, threads: int, workload_name: str = "fixed", extra: list[str] = ()) -> dict:
     sys.path.insert(0, str(HERE))
     from bench_step import measure
 
-    result = measure(our_overrides(size, threads), warmup=warmup, steps=steps - warmup)
+    import steer.models.tiny as tiny
+
+    build, probability = tiny.build_tiny_policy, WORKLOADS[workload_name]["eos_probability"]
+    tiny.build_tiny_policy = lambda tokenizer, **kw: with_eos_bias(build(tokenizer, **kw), tokenizer.eos_token_id, probability)
+    result = measure([*our_overrides(size, threads, workload_name), *extra], warmup=warmup, steps=steps - warmup)
     return {"step_median_s": result["step_median_s"], "parameters": result["parameters"],
             "phase_median_s": result["phase_median_s"], "generated_tokens_per_step": result["generated_tokens_per_step"],
             "step_s": result["step_s"], "setup_s": result["setup_s"]}
@@ -116,15 +149,17 @@ def run_trl(spec: dict, warmup: int) -> dict:
     from steer.rewards.base import score_safely
 
     tokenizer = build_char_tokenizer()
-    model = build_tiny_policy(tokenizer, **spec["tiny"])
+    model = with_eos_bias(build_tiny_policy(tokenizer, **spec["tiny"]), tokenizer.eos_token_id, spec["eos_probability"])
     reward = instantiate(spec["reward"])
 
     def math_reward(prompts, completions, reference, **_):
+        clock.tokens.append(sum(len(c) for c in completions))  # characters = tokens (EOS left out)
         return list(score_safely(reward, completions, reference).scores)
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.tokens: list[int] = []  # sampled per step (the reward sees every completion once)
             self._start = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -141,7 +176,7 @@ def run_trl(spec: dict, warmup: int) -> dict:
         generation_batch_size=generation_batch,  # ... from one generation of 8 prompts x 8
         num_generations=SAMPLES,
         num_iterations=1,
-        max_completion_length=NEW_TOKENS,
+        max_completion_length=spec["new_tokens"],
         max_steps=spec["steps"],
         learning_rate=spec["lr"],
         lr_scheduler_type="constant",
@@ -178,7 +213,7 @@ def run_trl(spec: dict, warmup: int) -> dict:
     if len(clock.seconds) != spec["steps"]:
         raise RuntimeError(f"TRL made {len(clock.seconds)} optimiser steps, expected {spec['steps']}")
     return {"step_median_s": statistics.median(clock.seconds[warmup:]), "parameters": sum(p.numel() for p in model.parameters()),
-            "step_s": clock.seconds}
+            "step_s": clock.seconds, "generated_tokens_per_step": statistics.median(clock.tokens[warmup:]) if clock.tokens else None}
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -196,9 +231,20 @@ def launch(command: list[str], env: dict) -> tuple[float, dict, str]:
     return wall, result, done.stderr[-2000:]
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name=override override ...`` (``default=`` is ours as configured)."""
+    name, _, overrides = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"--ours wants NAME=OVERRIDES, got {text!r}")
+    return name, overrides.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "large"])
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--ours", type=parse_variant, action="append",
+                        help="a configuration of ours, NAME='override ...' (repeatable; default: default=, ours as configured)")
     parser.add_argument("--pairs", type=int, default=3, help="runs of each system per size (interleaved)")
     parser.add_argument("--steps", type=int, default=12, help="RL steps (= optimiser steps) per run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time")
@@ -207,13 +253,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every run and the ratios here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="fixed", help=argparse.SUPPRESS)
+    parser.add_argument("--extra", default="", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
 
     if args.worker == "ours":
-        args.out.write_text(json.dumps(run_ours(args.size, args.steps, args.warmup, args.threads)))
+        result = run_ours(args.size, args.steps, args.warmup, args.threads, args.workload, args.extra.split())
+        args.out.write_text(json.dumps(result))
         return
     if args.worker == "trl":
         args.out.write_text(json.dumps(run_trl(json.loads(args.spec.read_text()), args.warmup)))
@@ -224,50 +273,60 @@ def main() -> None:
         sys.exit(f"no TRL venv at {args.trl_python}: run `make bench-trl` (or bash scripts/install_bench_trl.sh) first")
     if args.warmup >= args.steps:
         sys.exit(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    variants = dict(args.ours or [("default", [])])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                TOKENIZERS_PARALLELISM="false")
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    report = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "sizes": {}}
-    print(f"{'size':>5} {'system':>6} {'pair':>4} {'params':>9} {'wall_s':>7} {'step_med_s':>10}  load average", flush=True)
-    for size in args.sizes:
-        spec_file = Path(tempfile.mkdtemp(prefix="bench-vs-trl-")) / f"{size}.json"
-        spec_file.write_text(json.dumps(workload(size, args.steps, args.threads)))
-        runs = {"ours": [], "trl": []}
-        for pair in range(args.pairs):
-            # A B, then B A: a load that rises or falls during the run favours neither system.
-            for system in (("ours", "trl") if pair % 2 == 0 else ("trl", "ours")):
-                if system == "ours":
-                    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--size", size, *common]
-                else:
-                    command = [str(args.trl_python), str(Path(__file__).resolve()), "--worker", "trl", "--spec", str(spec_file), *common]
-                load = os.getloadavg()
-                wall, result, _ = launch(command, env)
-                result.update(wall_s=wall, load_average=list(load))
-                runs[system].append(result)
-                print(f"{size:>5} {system:>6} {pair:>4} {result['parameters']:>9,} {wall:7.2f} {result['step_median_s']:10.4f}  "
-                      f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-        ours, trl = runs["ours"], runs["trl"]
-        wall_ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(ours, trl)]
-        step_ratios = [a["step_median_s"] / b["step_median_s"] for a, b in zip(ours, trl)]
-        summary = {
-            "parameters": {"ours": ours[0]["parameters"], "trl": trl[0]["parameters"]},
-            "wall_s_median": {"ours": statistics.median(r["wall_s"] for r in ours), "trl": statistics.median(r["wall_s"] for r in trl)},
-            "step_s_median": {"ours": statistics.median(r["step_median_s"] for r in ours),
-                              "trl": statistics.median(r["step_median_s"] for r in trl)},
-            "ratio_wall": statistics.median(wall_ratios),
-            "ratio_step": statistics.median(step_ratios),
-            "ratio_wall_pairs": wall_ratios,
-            "ratio_step_pairs": step_ratios,
-            "runs": runs,
-        }
-        report["sizes"][size] = summary
+    report = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+              "variants": {name: overrides for name, overrides in variants.items()}, "results": {}}
+    print(f"{'workload':>8} {'size':>5} {'system':>12} {'pair':>4} {'params':>9} {'wall_s':>7} {'step_med_s':>10} "
+          f"{'tokens/step':>11}  load average", flush=True)
+    systems = ["trl", *variants]
+    for workload_name in args.workloads:
+        for size in args.sizes:
+            spec_file = Path(tempfile.mkdtemp(prefix="bench-vs-trl-")) / f"{size}.json"
+            spec_file.write_text(json.dumps(workload(size, args.steps, args.threads, workload_name)))
+            runs = {system: [] for system in systems}
+            for pair in range(args.pairs):
+                # Forwards, then backwards: a load that rises or falls during the run favours no system.
+                for system in (systems if pair % 2 == 0 else systems[::-1]):
+                    if system == "trl":
+                        command = [str(args.trl_python), str(Path(__file__).resolve()), "--worker", "trl", "--spec", str(spec_file), *common]
+                    else:
+                        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--size", size,
+                                   "--workload", workload_name, f"--extra={' '.join(variants[system])}", *common]
+                    load = os.getloadavg()
+                    wall, result, _ = launch(command, env)
+                    result.update(wall_s=wall, load_average=list(load))
+                    runs[system].append(result)
+                    tokens = result.get("generated_tokens_per_step")
+                    print(f"{workload_name:>8} {size:>5} {system:>12} {pair:>4} {result['parameters']:>9,} {wall:7.2f} "
+                          f"{result['step_median_s']:10.4f} {tokens if tokens is not None else float('nan'):11.0f}  "
+                          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+            trl = runs["trl"]
+            summary = {"parameters": trl[0]["parameters"], "trl": {"wall_s_median": statistics.median(r["wall_s"] for r in trl),
+                                                                  "step_s_median": statistics.median(r["step_median_s"] for r in trl)},
+                       "ours": {}, "runs": runs}
+            for name in variants:
+                ours = runs[name]
+                wall_ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(ours, trl)]
+                step_ratios = [a["step_median_s"] / b["step_median_s"] for a, b in zip(ours, trl)]
+                summary["ours"][name] = {
+                    "parameters": ours[0]["parameters"],
+                    "wall_s_median": statistics.median(r["wall_s"] for r in ours),
+                    "step_s_median": statistics.median(r["step_median_s"] for r in ours),
+                    "ratio_wall": statistics.median(wall_ratios), "ratio_step": statistics.median(step_ratios),
+                    "ratio_wall_pairs": wall_ratios, "ratio_step_pairs": step_ratios,
+                }
+            report["results"].setdefault(workload_name, {})[size] = summary
     print(f"\nratio = ours / TRL (median over {args.pairs} interleaved pairs; {args.steps} RL steps per run, "
           f"step medians after {args.warmup} warm-up steps, {args.threads} threads)")
-    print(f"{'size':>5} {'params ours/trl':>17} {'wall ours':>9} {'wall trl':>8} {'ratio':>6} {'step ours':>9} {'step trl':>8} {'ratio':>6}")
-    for size, s in report["sizes"].items():
-        print(f"{size:>5} {s['parameters']['ours']:>8,}/{s['parameters']['trl']:<8,} {s['wall_s_median']['ours']:9.2f} "
-              f"{s['wall_s_median']['trl']:8.2f} {s['ratio_wall']:6.2f} {s['step_s_median']['ours']:9.3f} "
-              f"{s['step_s_median']['trl']:8.3f} {s['ratio_step']:6.2f}")
+    print(f"{'workload':>8} {'size':>5} {'ours':>12} {'wall ours':>9} {'wall trl':>8} {'ratio':>6} {'step ours':>9} {'step trl':>8} {'ratio':>6}")
+    for workload_name, sizes in report["results"].items():
+        for size, s in sizes.items():
+            for name, o in s["ours"].items():
+                print(f"{workload_name:>8} {size:>5} {name:>12} {o['wall_s_median']:9.2f} {s['trl']['wall_s_median']:8.2f} "
+                      f"{o['ratio_wall']:6.2f} {o['step_s_median']:9.3f} {s['trl']['step_s_median']:8.3f} {o['ratio_step']:6.2f}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -314,3 +314,41 @@ def test_half_precision_policies_sample_close_to_their_teacher_forced_forward(dt
     mask, _ = response_mask_from_ids(response_ids, 1)
     assert logprobs.dtype == torch.float32 and torch.isfinite(logprobs[mask]).all()
     torch.testing.assert_close(logprobs[mask], reference[mask], atol=0.1, rtol=0)  # half-precision round-off
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_finished_rows_leave_the_decoder_and_the_running_rows_are_unchanged(functional, monkeypatch):
+    """With EOS about 1/6 likely per token the responses end anywhere in the budget; rows that ended
+    leave the decoder (its key/value buffers, or the model's cache, are cut to the running rows), and
+    every sampled log-prob still equals the teacher-forced one: a row that kept another row's cache
+    or position would be off by far more than round-off."""
+    import math
+
+    import steer.rollout.decode as decode
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2).eval()
+    head = policy.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[tokenizer.eos_token_id] = math.log((head.out_features - 1) / 5)  # p(EOS) ~ 1/6
+    policy.set_output_embeddings(biased)
+    prompts = [tokenizer(text).input_ids for text in ("Q: Compute 12+30+7.\nA: ", "Q: hi\nA: ", "A: ")]
+    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(8)], tokenizer.pad_token_id)
+    rows_per_step = []
+    draw = decode.gumbel_max
+    monkeypatch.setattr(decode, "gumbel_max", lambda logprobs: rows_per_step.append(logprobs.shape[0]) or draw(logprobs))
+    torch.manual_seed(1)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 20, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                    temperature=0.9, functional=functional)
+    mask, truncated = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    assert len(set(mask.sum(-1).tolist())) >= 6 and not truncated.all()  # lengths spread over the budget
+    assert rows_per_step[0] == 24 and min(rows_per_step) < 12  # finished rows left the decoder
+    assert all(a >= b for a, b in zip(rows_per_step, rows_per_step[1:]))
+    assert sum(rows_per_step) < 0.6 * 24 * len(rows_per_step)
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 0.9, 1.0)
+    torch.testing.assert_close(logprobs[mask], reference[mask], atol=2e-5, rtol=0)
+    assert torch.all(response_ids[~mask] == tokenizer.pad_token_id)

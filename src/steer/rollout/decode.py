@@ -32,6 +32,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+COMPACT_FRACTION = 8
+"""The decoding loop drops finished rows once they are at least 1/8 of the rows it runs (each drop
+copies the key/value buffers of the rows that go on; finished rows in between cost at most 1/8 of a step)."""
+
 # Architectures whose decoder layer is exactly: x + o(attn(rope(q(n1(x))), rope(k(.)), v(.))), then
 # x + mlp(n2(x)), with RMSNorm modules and no sliding window. Others use hf_forward_steps.
 FUNCTIONAL_MODEL_TYPES = ("qwen2", "llama")
@@ -136,6 +140,13 @@ class FunctionalDecoder:
         cos, sin = backbone.rotary_emb(weight[None, :1], positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head dim]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the buffer rows ``rows`` (the responses still running): finished rows stop
+        costing work in every later step."""
+        self.keys = [keys.index_select(0, rows) for keys in self.keys]
+        self.values = [values.index_select(0, rows) for values in self.values]
+        self.column_bias = self.column_bias.index_select(0, rows)
+
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [B, q] positions -> [B, 1, q, head dim] tables that broadcast over heads.
         return self.cos[positions][:, None], self.sin[positions][:, None]
@@ -205,16 +216,20 @@ class FunctionalDecoder:
 def functional_steps(
     model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, group: int = 1
 ) -> Iterator[torch.Tensor]:
-    """Yields next-token logits ``[B, V]``; after each yield, ``send`` the sampled ``[B]`` tokens.
+    """Yields next-token logits ``[B, V]``; after each yield, ``send`` ``(tokens, rows)``: the sampled
+    tokens of the rows that go on, and those rows' indices among the current ones (None: all of them).
     ``group``: see :meth:`FunctionalDecoder.prefill`."""
     prompt_len = prompt_ids.shape[1]
     decoder = FunctionalDecoder(model, prompt_mask, prompt_len + max_new_tokens)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    tokens = yield decoder.prefill(prompt_ids, positions, group)
+    tokens, rows = yield decoder.prefill(prompt_ids, positions, group)
     position = positions[:, -1:]
     for step in range(max_new_tokens - 1):
+        if rows is not None:
+            decoder.keep(rows)
+            position = position[rows]
         position = position + 1
-        tokens = yield decoder.step(tokens, position, prompt_len + step)
+        tokens, rows = yield decoder.step(tokens, position, prompt_len + step)
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
@@ -236,13 +251,16 @@ def hf_forward_steps(
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=prompt_ids, attention_mask=mask[:, :prompt_len], position_ids=positions,
                    use_cache=True, logits_to_keep=1, **{keyword: cache})
-    tokens = yield output.logits[:, -1]
+    tokens, rows = yield output.logits[:, -1]
     position = positions[:, -1:]
     for step in range(max_new_tokens - 1):
+        if rows is not None:
+            cache.batch_select_indices(rows)
+            mask, position = mask[rows], position[rows]
         position = position + 1
         output = model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + step + 1], position_ids=position,
                        use_cache=True, **{keyword: cache})
-        tokens = yield output.logits[:, -1]
+        tokens, rows = yield output.logits[:, -1]
 
 
 @torch.no_grad()
@@ -258,7 +276,9 @@ def sample(
     functional: bool | None = None,
     group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample continuations of left-padded prompts until every row has emitted EOS (or the budget ends).
+    """Sample continuations of left-padded prompts until every row has emitted EOS (or the budget ends);
+    rows that have emitted EOS leave the decoder (see :data:`COMPACT_FRACTION`): with response lengths
+    that spread like RLVR's the later steps run a fraction of the batch.
 
     ``prompt_ids``/``prompt_mask``: ``[B, P]``. Returns ``response_ids`` ``[B, R]`` (``R <=
     max_new_tokens``; after a row's EOS its tokens are ``pad_token_id``) and the log-prob of each
@@ -275,20 +295,26 @@ def sample(
         steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group)
     else:
         steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
-    batch = prompt_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-    tokens_out: list[torch.Tensor] = []
-    logprobs_out: list[torch.Tensor] = []
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    response_ids = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    response_logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+    running = torch.arange(batch, device=device)  # the batch row of each row the decoder still runs
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # per decoder row: EOS already sampled
     logits = next(steps)
     for step in range(max_new_tokens):
         logprobs = sampling_logprobs(logits, temperature, top_p)
         tokens = gumbel_max(logprobs)
-        logprobs_out.append(logprobs.gather(-1, tokens[:, None]).squeeze(-1))
+        response_logprobs[running, step] = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
         tokens = tokens.masked_fill(finished, pad_token_id)
-        tokens_out.append(tokens)
+        response_ids[running, step] = tokens
         finished = finished | (tokens == eos_token_id)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        done = int(finished.sum())
+        if step == max_new_tokens - 1 or done == len(finished):
             break
-        logits = steps.send(tokens)
+        rows = None
+        if done >= max(1, len(finished) // COMPACT_FRACTION):  # drop the finished rows from the decoder
+            rows = (~finished).nonzero().squeeze(-1)
+            running, finished, tokens = running[rows], finished[rows], tokens[rows]
+        logits = steps.send((tokens, rows))
     steps.close()
-    return torch.stack(tokens_out, dim=1), torch.stack(logprobs_out, dim=1)
+    return response_ids[:, : step + 1], response_logprobs[:, : step + 1]
