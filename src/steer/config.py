@@ -74,6 +74,9 @@ class AlgorithmConfig:
     """Tokens per output-head chunk when computing log-probs (bounds logits memory)."""
     share_prompt_prefix: bool = False
     """Run each prompt once for its ``n`` samples in every log-prob pass (update, old, reference)."""
+    pack_sequences: bool = False
+    """Leave the padding out of every log-prob pass: real tokens end to end in rows, each sequence
+    attending to itself only."""
     max_consecutive_nonfinite: int = 5
     """Consecutive optimiser steps skipped for a non-finite loss or gradient before the run stops
     (with ``checkpoints/nonfinite.ckpt``); 0 never stops."""
@@ -144,6 +147,9 @@ def check_algorithm(algorithm: AlgorithmConfig) -> None:
             f"algorithm.micro_batch_size={algorithm.micro_batch_size} must be >= 1 and divide the "
             f"mini-batch of minibatch_prompts * n = {sequences} sequences; allowed: {divisors(sequences)}, or null"
         )
+    if algorithm.pack_sequences and algorithm.share_prompt_prefix:
+        raise ConfigError("algorithm.pack_sequences=true and algorithm.share_prompt_prefix=true are two ways of skipping "
+                          "work in the same forward; choose one (packing leaves out the padding, sharing the repeated prompts)")
     if algorithm.micro_batch_tokens is not None:
         number("algorithm.micro_batch_tokens", algorithm.micro_batch_tokens, 1, integer=True, allowed="an integer >= 1, or null")
     number("algorithm.clip.low", algorithm.clip.low, 0)

@@ -404,13 +404,14 @@ class RLVRModule(L.LightningModule):
 
     def logprobs_and_entropy(
         self, rollout: RolloutBatch, rows: torch.Tensor, width: int, model: torch.nn.Module | None = None,
-        share_prompts: bool | None = None,
+        share_prompts: bool | None = None, pack: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the sampled tokens and entropies, both ``[len(rows), width]``, at the first
         ``width`` response positions of the rollout rows ``rows`` (the policy unless ``model``), the
         prompts cut to the rows' longest.
         Carries gradient unless called under ``torch.no_grad()``. ``share_prompts``: run each
-        prompt once for its adjacent samples (default ``algorithm.share_prompt_prefix``)."""
+        prompt once for its adjacent samples (default ``algorithm.share_prompt_prefix``); ``pack``:
+        leave the padding out (default ``algorithm.pack_sequences``)."""
         # Select the rows and cut the response first: concatenating the whole batch per micro-batch
         # would copy every sequence once per forward pass. Prompts are left-padded: the columns
         # before the rows' longest prompt are padding in every row, and are left out.
@@ -426,6 +427,7 @@ class RLVRModule(L.LightningModule):
             temperature=self.sampling.temperature,
             chunk_tokens=self.algorithm.logprob_chunk_tokens,
             share_prompts=self.algorithm.share_prompt_prefix if share_prompts is None else share_prompts,
+            pack=self.algorithm.pack_sequences if pack is None else pack,
         )
 
     @property

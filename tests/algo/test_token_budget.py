@@ -105,14 +105,18 @@ def _train(tmp_path, monkeypatch, overrides):
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
-def test_the_token_budget_gives_the_padded_update(tmp_path, monkeypatch, aggregation):
+@pytest.mark.parametrize("less_padding", [["algorithm.micro_batch_tokens=150"], ["algorithm.pack_sequences=true"],
+                                          ["algorithm.micro_batch_tokens=150", "algorithm.pack_sequences=true"]],
+                         ids=["token_budget", "packed", "both"])
+def test_less_padding_gives_the_padded_update(tmp_path, monkeypatch, aggregation, less_padding):
     overrides = [*ONE_STEP, f"algorithm.loss_aggregation={aggregation}", "algorithm.grad_clip=0"]
     padded, padded_grad, padded_forwards = _train(tmp_path / "padded", monkeypatch, overrides)
-    budget, budget_grad, budget_forwards = _train(tmp_path / "budget", monkeypatch, [*overrides, "algorithm.micro_batch_tokens=150"])
-    # the budget really split the mini-batch, into forwards of fewer padded tokens in all
-    assert len(padded_forwards) == 1 and len(budget_forwards) >= 3
-    assert all(rows * columns <= 150 or rows == 1 for rows, columns in budget_forwards)
-    assert sum(r * c for r, c in budget_forwards) < padded_forwards[0][0] * padded_forwards[0][1]
+    budget, budget_grad, budget_forwards = _train(tmp_path / "budget", monkeypatch, [*overrides, *less_padding])
+    assert len(padded_forwards) == 1
+    if "algorithm.micro_batch_tokens=150" in less_padding:  # the budget really split the mini-batch
+        assert len(budget_forwards) >= 3
+        assert all(rows * columns <= 150 or rows == 1 for rows, columns in budget_forwards)
+        assert sum(r * c for r, c in budget_forwards) < padded_forwards[0][0] * padded_forwards[0][1]
     assert padded_grad.abs().max() > 0
     torch.testing.assert_close(budget_grad, padded_grad, rtol=0, atol=1e-5 * float(padded_grad.abs().max()))
     for key in ("actor/policy_loss", "actor/pg_loss", "actor/entropy", "reward/mean"):

@@ -61,10 +61,10 @@ CASES = {
     "kl_cov": ["intervention=kl_cov", "intervention.components.kl_cov.scope=global", "intervention.components.kl_cov.ratio=0.1",
                "algorithm.micro_batch_size=4"],
     # Token-budget micro-batches (rows sorted by length; ranks may need different counts, and make
-    # as many as the rank that needs most): the same update on 1 and 2 processes, with DDP and FSDP.
+    # as many as the rank that needs most), under FSDP also packed: the same update on 1 and 2 processes.
     "steer_tokens": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_tokens=90"],
     "fsdp_tokens": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_tokens=90",
-                    "model.path=MODEL", "trainer.strategy.mixed_precision=null"],
+                    "algorithm.pack_sequences=true", "model.path=MODEL", "trainer.strategy.mixed_precision=null"],
     # FSDP on several ranks (one process: no sharding) with a saved copy of the tiny model, float32
     # throughout so that it can match exactly; activation checkpointing on.
     "fsdp_steer": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_size=4",

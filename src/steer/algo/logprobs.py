@@ -120,6 +120,7 @@ def response_logprobs_and_entropy(
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     share_prompts: bool = False,
+    pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the response tokens of ``[prompt | response]`` sequences.
 
@@ -132,10 +133,15 @@ def response_logprobs_and_entropy(
             of a prompt), see :func:`shared_prompt_hidden`; the same values and gradients up to
             float round-off. Falls back to the plain forward where the model cannot take a key/value
             cache (gradient checkpointing while training) or no two adjacent rows share a prompt.
+        pack: leave the padding out (:func:`packed_logprobs_and_entropy`); takes precedence over
+            ``share_prompts``.
 
     Returns:
         ``(logprob, entropy)``, each ``[B, R]`` float32 (padding positions hold garbage; mask them).
     """
+    if pack:
+        return packed_logprobs_and_entropy(model, input_ids, attention_mask, response_length, temperature=temperature,
+                                           chunk_tokens=chunk_tokens)
     groups = prompt_groups(input_ids, attention_mask, response_length) if share_prompts and _can_cache(model) else None
     if groups is not None:
         hidden = shared_prompt_hidden(model, input_ids, attention_mask, response_length, *groups)
@@ -154,6 +160,72 @@ def response_logprobs_and_entropy(
         temperature=temperature,
         chunk_tokens=chunk_tokens,
     )
+
+
+def pack_rows(lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Place sequences of ``lengths`` tokens into rows of ``capacity`` tokens, first fit by decreasing
+    length; returns each sequence's row and start column, and the number of rows."""
+    row_of, start_of = torch.zeros_like(lengths), torch.zeros_like(lengths)
+    free: list[int] = []  # tokens left in each row
+    for index in torch.sort(lengths, descending=True, stable=True).indices.tolist():
+        length = int(lengths[index])
+        row = next((r for r, room in enumerate(free) if room >= length), len(free))
+        if row == len(free):
+            free.append(capacity)
+        row_of[index], start_of[index] = row, capacity - free[row]
+        free[row] -= length
+    return row_of, start_of, len(free)
+
+
+def packed_logprobs_and_entropy(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`response_logprobs_and_entropy` without padding (``algorithm.pack_sequences``).
+
+    Each row's real tokens (its prompt without the left padding, its response without the right
+    padding) are laid end to end into rows as long as the longest sequence (first fit, longest
+    first), positions restarting at 0 for every sequence and no attention mask: Hugging Face's
+    attention reads the sequences off the positions and keeps each one causal and to itself (a
+    block-diagonal causal mask for ``sdpa``, ``eager`` and ``flex_attention``; with
+    ``flash_attention_*`` its variable-length kernel, which wants every sequence in one row, so
+    then there is one row). The decoder and the output head see real tokens only; the values come
+    back in the ``[B, R]`` layout, 0 on padding.
+    """
+    device = input_ids.device
+    valid = attention_mask.bool()
+    lengths = valid.sum(-1)
+    prompt_lengths = valid[:, : input_ids.shape[1] - response_length].sum(-1)
+    one_row = str(getattr(model.config, "_attn_implementation", "") or "").startswith(("flash", "kernels-community/flash"))
+    capacity = int(lengths.sum() if one_row else lengths.max())
+    row_of, start_of, rows = pack_rows(lengths.cpu(), capacity)
+    first = (row_of * capacity + start_of).to(device)  # where each sequence starts in the flat rows
+    index_in_sequence = valid.long().cumsum(-1) - 1  # each real token's position
+    destination = (first[:, None] + index_in_sequence)[valid]
+    packed_ids = torch.zeros(rows * capacity, dtype=input_ids.dtype, device=device)
+    packed_ids[destination] = input_ids[valid]
+    # Room left at a row's end keeps the positions of a count from the row's start: it is a sequence
+    # of its own or the tail of the last one, and only attends backwards, so no real token sees it.
+    positions = torch.arange(capacity, device=device).repeat(rows)
+    positions[destination] = index_in_sequence[valid]
+    hidden = _backbone(model, input_ids=packed_ids.view(rows, capacity), position_ids=positions.view(rows, capacity),
+                       use_cache=False)[0]
+    # Response token t of a row is predicted where its sequence holds position prompt_length - 1 + t.
+    response_mask = valid[:, -response_length:]
+    predictors = (first + prompt_lengths - 1)[:, None] + torch.arange(response_length, device=device)
+    chosen = hidden.reshape(rows * capacity, -1)[predictors[response_mask]]
+    head = model.get_output_embeddings()
+    logprob, entropy = chunked_logprobs_and_entropy(
+        chosen[None], head.weight, input_ids[:, -response_length:][response_mask][None],
+        head_bias=getattr(head, "bias", None), temperature=temperature, chunk_tokens=chunk_tokens,
+    )
+    zeros = torch.zeros(response_mask.shape, dtype=logprob.dtype, device=device)
+    return zeros.masked_scatter(response_mask, logprob[0]), zeros.masked_scatter(response_mask, entropy[0])
 
 
 def prompt_groups(

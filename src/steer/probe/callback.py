@@ -244,7 +244,7 @@ class EntropyProbe(L.Callback, StepObserver):
 
         def entropy_of(model: torch.nn.Module) -> torch.Tensor:
             # one plain forward under torch.func's forward-mode transform (no key/value cache in it)
-            return module.logprobs_and_entropy(rollout, rows, width, model=model, share_prompts=False)[1]
+            return module.logprobs_and_entropy(rollout, rows, width, model=model, share_prompts=False, pack=False)[1]
 
         started = time.perf_counter()
         try:
