@@ -31,6 +31,7 @@ PAPER = {
     "algorithm.clip.dual": 10.0,
     "algorithm.kl.coef": 0.0,                # no KL
     "algorithm.loss_aggregation": "token-mean",
+    "algorithm.pack_sequences": True,        # the released script's use_remove_padding=True
     "rollout.max_prompt_length": 1024,
     "rollout.max_new_tokens": 3072,
     "rollout.temperature": 1.0,
