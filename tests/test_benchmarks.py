@@ -88,16 +88,44 @@ def test_bench_vs_trl_workload_matches_our_config():
     assert spec["lr"] > 0 and spec["reward"]["_target_"].endswith("MathReward")
 
 
+def test_bench_vs_trl_variable_workload_makes_eos_about_one_in_32():
+    """The variable workload's policy: only the EOS logit is biased, to ~1/32 per token at random init."""
+    import bench_vs_trl
+    import torch
+
+    from steer.models.tiny import build_char_tokenizer, build_tiny_policy
+
+    spec = bench_vs_trl.workload("small", steps=1, threads=1, workload_name="variable")
+    assert spec["new_tokens"] == 128 and spec["eos_probability"] == pytest.approx(1 / 32)
+    tokenizer = build_char_tokenizer()
+    plain = build_tiny_policy(tokenizer, **spec["tiny"]).eval()
+    biased = bench_vs_trl.with_eos_bias(build_tiny_policy(tokenizer, **spec["tiny"]), tokenizer.eos_token_id, 1 / 32).eval()
+    ids = torch.randint(5, 90, (16, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p_plain = plain(input_ids=ids).logits.softmax(-1)
+        p_biased = biased(input_ids=ids).logits.softmax(-1)
+    eos = tokenizer.eos_token_id
+    assert float(p_plain[..., eos].mean()) == pytest.approx(1 / 100, rel=0.3)
+    assert float(p_biased[..., eos].mean()) == pytest.approx(1 / 32, rel=0.3)
+    others = [t for t in range(p_plain.shape[-1]) if t != eos]
+    ratio = p_biased[..., others] / p_plain[..., others]  # at each position every other token loses the same factor
+    assert float((ratio.std(-1) / ratio.mean(-1)).max()) < 1e-4
+    assert biased.get_output_embeddings().weight is biased.get_input_embeddings().weight  # still tied
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (REPO / ".venv-trl" / "bin" / "python").exists(), reason="needs the TRL venv: make bench-trl")
 def test_bench_vs_trl_one_pair(tmp_path):
     out = tmp_path / "vs_trl.json"
     command = [sys.executable, str(BENCH / "bench_vs_trl.py"), "--pairs", "1", "--sizes", "small", "--steps", "3",
-               "--warmup", "1", "--threads", "1", "--json", str(out)]
+               "--warmup", "1", "--threads", "1", "--workloads", "variable", "--ours", "default=",
+               "--ours", "packed=algorithm.pack_sequences=true", "--json", str(out)]
     subprocess.run(command, cwd=REPO, check=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
-    summary = json.loads(out.read_text())["sizes"]["small"]
-    assert summary["parameters"]["ours"] == summary["parameters"]["trl"]
-    assert summary["ratio_wall"] > 0 and summary["ratio_step"] > 0
+    summary = json.loads(out.read_text())["results"]["variable"]["small"]
+    for name in ("default", "packed"):
+        ours = summary["ours"][name]
+        assert ours["parameters"] == summary["parameters"]
+        assert ours["ratio_wall"] > 0 and ours["ratio_step"] > 0
 
 
 def test_profile_summary_counts_only_the_rl_step(tmp_path):
@@ -186,3 +214,26 @@ def test_count_metric_keys_counts_a_runs_keys_by_namespace(tmp_path):
     trained = train_and_count([*SMALLEST, "eval.every_n_steps=1", "eval.benchmarks.arithmetic.samples_per_prompt=1",
                                "data.task.num_heldout=4", "callbacks.entropy_probe.figures=[]"], steps=1)
     assert {"reward/accuracy", "actor/entropy", "eval/arithmetic/mean_at_1"} <= set(trained) and len(trained) > 50
+
+
+def test_bench_update_kernels_prints_every_setting(capsys):
+    import bench_update_kernels
+
+    bench_update_kernels.main(["--size", "default", "--repeats", "1", "--threads", "1", "--settings", "float32", "bfloat16"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == {"float32", "bfloat16"}
+    assert float(rows["float32"][2]) == 0.0  # the reference itself
+    assert 0 < float(rows["bfloat16"][2]) < 0.1  # bf16 moves the log-probs, a little
+
+
+def test_bench_finished_rows_drops_rows_only_when_asked(capsys):
+    import bench_finished_rows
+
+    bench_finished_rows.main(["--repeats", "1", "--fractions", "0", "8"])
+    lines = capsys.readouterr().out.splitlines()
+    values = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[1:]}
+    assert set(values) == set(bench_finished_rows.CASES)
+    for case, (_, _, _, rows, _) in bench_finished_rows.CASES.items():
+        assert values[case][1] == rows  # F=0: every row in every step
+    assert values["variable-large"][3] < 0.5 * 64  # F=8: most steps run a fraction of the rows

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 COMPACT_FRACTION = 8
 """The decoding loop drops finished rows once they are at least 1/8 of the rows it runs (each drop
-copies the key/value buffers of the rows that go on; finished rows in between cost at most 1/8 of a step)."""
+copies the key/value buffers of the rows that go on; finished rows in between cost at most 1/8 of a
+step); 0 never drops them (``bench_finished_rows.py`` compares)."""
 
 # Architectures whose decoder layer is exactly: x + o(attn(rope(q(n1(x))), rope(k(.)), v(.))), then
 # x + mlp(n2(x)), with RMSNorm modules and no sliding window. Others use hf_forward_steps.
@@ -312,7 +313,7 @@ def sample(
         if step == max_new_tokens - 1 or done == len(finished):
             break
         rows = None
-        if done >= max(1, len(finished) // COMPACT_FRACTION):  # drop the finished rows from the decoder
+        if COMPACT_FRACTION and done >= max(1, len(finished) // COMPACT_FRACTION):  # drop the finished rows
             rows = (~finished).nonzero().squeeze(-1)
             running, finished, tokens = running[rows], finished[rows], tokens[rows]
         logits = steps.send((tokens, rows))
