@@ -55,10 +55,10 @@ def _run(tmp_path, monkeypatch, overrides, force_full: bool):
 
     original = RLVRModule.logprobs_and_entropy
 
-    def counted(self, rollout, rows, width, model=None, share_prompts=None):
+    def counted(self, rollout, rows, width, model=None, **options):
         if model is None:  # the policy (not the reference)
             calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
-        return original(self, rollout, rows, width, model, share_prompts)
+        return original(self, rollout, rows, width, model, **options)
 
     with monkeypatch.context() as patch:
         patch.setattr(steer.app, "build_module", build_and_record)

@@ -91,8 +91,8 @@ def _train(tmp_path, monkeypatch, overrides):
 
     original = RLVRModule.logprobs_and_entropy
 
-    def recorded(self, rollout, rows, width, model=None, share_prompts=None):
-        logprobs, entropy = original(self, rollout, rows, width, model, share_prompts)
+    def recorded(self, rollout, rows, width, model=None, **options):
+        logprobs, entropy = original(self, rollout, rows, width, model, **options)
         if torch.is_grad_enabled():
             forwards.append((len(rows), int(rollout.prompt_mask[rows].sum(-1).max()) + width))
         return logprobs, entropy
