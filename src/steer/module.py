@@ -386,8 +386,8 @@ class RLVRModule(L.LightningModule):
         all of ``rows`` at once)."""
         algo = self.algorithm
         if algo.micro_batch_tokens is None:
-            size = rows_per_forward or algo.micro_batch_size or len(rows)
-            return list(torch.arange(len(rows), device=rows.device).split(size))
+            size = rows_per_forward or algo.micro_batch_size or max(len(rows), 1)
+            return [torch.arange(start, min(start + size, len(rows)), device=rows.device) for start in range(0, len(rows), size)]
         prompt_lengths, response_lengths = rollout.prompt_mask[rows].sum(-1).cpu(), rollout.response_lengths[rows].cpu()
         parts = token_budget_microbatches(prompt_lengths, response_lengths, algo.micro_batch_tokens, algo.micro_batch_size)
         if self.data_parallel_size > 1:
@@ -453,7 +453,7 @@ class RLVRModule(L.LightningModule):
 
         def parts(first: int):  # the micro-batches of rows first.. and the width of their longest response
             rows = torch.arange(first, num_rows)
-            for part in self.microbatches(rollout, rows, per_forward) if first < num_rows else []:
+            for part in self.microbatches(rollout, rows, per_forward):
                 yield rows[part], self.response_width(rollout, rows[part])
 
         old_logprobs = torch.zeros(num_rows, width, dtype=torch.float32, device=rollout.response_ids.device)

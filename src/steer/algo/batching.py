@@ -43,16 +43,15 @@ def token_budget_microbatches(
     order = torch.sort(prompt_lengths + response_lengths.clamp(min=1), descending=True, stable=True).indices
     parts: list[list[int]] = []
     current: list[int] = []
-    longest_prompt = longest_response = 0
+    longest_prompt = longest_response = 0  # of the rows in current
     for row in order.tolist():
         prompt, response = int(prompt_lengths[row]), max(int(response_lengths[row]), 1)
-        wider_prompt, wider_response = max(longest_prompt, prompt), max(longest_response, response)
         full = max_rows is not None and len(current) >= max_rows
-        if current and (full or (len(current) + 1) * (wider_prompt + wider_response) > budget):
+        if current and (full or (len(current) + 1) * (max(longest_prompt, prompt) + max(longest_response, response)) > budget):
             parts.append(current)
-            current, wider_prompt, wider_response = [], prompt, response
+            current, longest_prompt, longest_response = [], 0, 0
         current.append(row)
-        longest_prompt, longest_response = wider_prompt, wider_response
+        longest_prompt, longest_response = max(longest_prompt, prompt), max(longest_response, response)
     if current:
         parts.append(current)
     if count is not None:
