@@ -219,12 +219,14 @@ def test_count_metric_keys_counts_a_runs_keys_by_namespace(tmp_path):
 def test_bench_update_kernels_prints_every_setting(capsys):
     import bench_update_kernels
 
-    bench_update_kernels.main(["--size", "default", "--repeats", "1", "--threads", "1", "--settings", "float32", "bfloat16"])
+    bench_update_kernels.main(["--size", "default", "--repeats", "1", "--threads", "1", "--settings", "float32", "bfloat16",
+                               "float32+eager"])
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert set(rows) == {"float32", "bfloat16"}
+    assert set(rows) == {"float32", "bfloat16", "float32+eager"}
     assert float(rows["float32"][2]) == 0.0  # the reference itself
     assert 0 < float(rows["bfloat16"][2]) < 0.1  # bf16 moves the log-probs, a little
+    assert float(rows["float32+eager"][2]) < 1e-4  # another kernel, the same arithmetic up to round-off
 
 
 def test_bench_finished_rows_drops_rows_only_when_asked(capsys):

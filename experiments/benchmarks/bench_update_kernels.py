@@ -1,7 +1,9 @@
-"""The update's forward + backward in four arithmetic settings on CPU: float32 eager (the default),
-bfloat16 autocast (``model.compute_dtype=bfloat16``: float32 master weights, bf16 matrix products,
-float32 log-softmax in the output head), and each with ``torch.compile`` on the decoder layers
-(``dynamic=True``: the response width changes every step).
+"""The update's forward + backward in six settings on CPU: float32 (the default), bfloat16 autocast
+(``model.compute_dtype=bfloat16``: float32 master weights, bf16 matrix products, float32 log-softmax
+in the output head), each with the attention of ``model.attn_implementation=eager`` (matrix products
+and a float32 softmax) instead of the model's own SDPA kernel (``+eager``), and each with
+``torch.compile`` on the decoder layers (``+compile``; ``dynamic=True``: the response width changes
+every step).
 
 One process runs every setting on the same random batch (the tiny Qwen2 of ``bench_vs_trl.py``'s
 sizes, 64 rows of a 40-token prompt and up to 48 response tokens, widths cycling 48/44/40 so that
@@ -29,13 +31,15 @@ from steer.models.tiny import build_char_tokenizer, build_tiny_policy  # noqa: E
 
 SIZES = {"default": (128, 2, 4), "small": (96, 2, 4), "large": (192, 4, 4)}
 ROWS, PROMPT, RESPONSE = 64, 40, 48
-SETTINGS = ("float32", "bfloat16", "float32+compile", "bfloat16+compile")
+SETTINGS = ("float32", "bfloat16", "float32+eager", "bfloat16+eager", "float32+compile", "bfloat16+compile")
 
 
 def run(setting: str, size: str, repeats: int) -> dict:
     hidden, layers, heads = SIZES[size]
     tokenizer = build_char_tokenizer()
     model = build_tiny_policy(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads).train()
+    if setting.endswith("+eager"):
+        model.set_attn_implementation("eager")
     if setting.endswith("+compile"):
         for layer in model.model.layers:  # the layers, not the decoder: get_decoder() unwraps a compiled module
             layer.compile(dynamic=True)

@@ -157,6 +157,7 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
         is_correct,
         cfg.model.cache_dir,
         gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+        attn_implementation=cfg.model.get("attn_implementation"),
     )
     if prompts is not None and not prompts_checked:
         check_prompts_fit(prompts, tokenizer, rollout.max_prompt_length, cfg.data.use_chat_template, algorithm.prompts_per_step)

@@ -185,12 +185,13 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_update_estimate_matches_live_tensor_bytes_on_cpu(checkpointing):
+@pytest.mark.parametrize("checkpointing, kernel", [(False, "sdpa"), (True, "sdpa"), (False, "eager"), (True, "eager")])
+def test_update_estimate_matches_live_tensor_bytes_on_cpu(checkpointing, kernel):
     """The trainer's forward + backward of one micro-batch (chunked head included) on a tiny float32
     Qwen2: the measured peak of live tensors lies between 0.85 x the update estimate and the estimate
     plus all gradients (some of which exist at the peak). Measured: 55.7 MB vs 54.6 MB estimated
-    without checkpointing, 18.8 MB vs 19.7 MB with it."""
+    without checkpointing, 18.8 MB vs 19.7 MB with it (SDPA); eager attention keeps the attention
+    probabilities too (+8.4 MB here): MEASURED_EAGER."""
     from transformers import AutoModelForCausalLM
 
     from steer.algo.logprobs import response_logprobs_and_entropy
@@ -199,6 +200,7 @@ def test_update_estimate_matches_live_tensor_bytes_on_cpu(checkpointing):
     config = tiny_qwen2_config(tied=False, vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
+    model.set_attn_implementation(kernel)
     if checkpointing:
         enable_activation_checkpointing(model)
     batch, prompt, response, chunk = 8, 32, 96, 256
@@ -210,8 +212,10 @@ def test_update_estimate_matches_live_tensor_bytes_on_cpu(checkpointing):
         (logprobs.sum() + entropy.sum()).backward()
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     layout = Layout(param_bytes=4, compute_bytes=4, activation_checkpointing=checkpointing, micro_batch_sequences=batch,
-                    prompt_tokens=prompt, response_tokens=response, logprob_chunk_tokens=chunk, rank_sequences=batch)
+                    prompt_tokens=prompt, response_tokens=response, logprob_chunk_tokens=chunk, rank_sequences=batch,
+                    eager_attention=kernel == "eager")
     update = estimate(Architecture.from_hf_config(config), layout).total("update")
+    print(f"peak {tracker.peak / 1e6:.1f} MB, estimate {update / 1e6:.1f} MB")
     assert 0.85 * update <= tracker.peak <= 1.05 * (update + gradients), (tracker.peak, update, gradients)
 
 

@@ -72,6 +72,29 @@ def test_the_functional_and_the_hf_forward_loops_draw_the_same_tokens():
     torch.testing.assert_close(draws[0][1], draws[1][1], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("functional", [True, False])
+def test_cpu_sampling_under_bf16_autocast_runs_in_float32(functional):
+    """model.compute_dtype=bfloat16 on CPU (Lightning's autocast around the whole step): the decoding
+    still runs in the parameters' float32 (bf16 decoding is slower on CPU), so the draws and their
+    log-probs equal those without autocast, and the teacher-forced float32 forward's. The update
+    that follows keeps autocast (checked after the draw)."""
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2).eval()
+    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A").input_ids] * 4, 0)
+    draws = []
+    for autocast in (False, True):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            draws.append(sample(policy, prompt_ids, prompt_mask, 16, 1, 0, functional=functional))
+            assert torch.is_autocast_enabled("cpu") == autocast
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert torch.equal(draws[0][1], draws[1][1])
+    # bf16 arithmetic would move these log-probs by ~1e-2 (bench_update_kernels.py: 5e-3 to 7e-3 at larger sizes).
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, draws[1][0], 1.0, 1.0)
+    mask, _ = response_mask_from_ids(draws[1][0], 1)
+    torch.testing.assert_close(draws[1][1][mask], reference[mask], atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_a_prefill_shared_by_each_prompts_samples_changes_nothing(num_kv_heads):
     """group=n computes each prompt once and copies its keys, values and first logits to its n rows:

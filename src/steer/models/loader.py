@@ -209,11 +209,16 @@ def load_policy(
     is_correct: Callable[[Sequence[str], Sequence[str]], Sequence[bool]],
     cache_dir: str,
     gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ):
     """The policy named by ``model.*``; returns ``(tokenizer, policy, warmup_info or None)``.
-    ``gradient_checkpointing`` turns on :func:`enable_activation_checkpointing` after loading (and
-    after the tiny model's warm-up, whose cache it does not change)."""
+    ``gradient_checkpointing`` turns on :func:`enable_activation_checkpointing` and
+    ``attn_implementation`` (:data:`ATTENTION_IMPLEMENTATIONS`; None keeps the model's own) picks
+    the attention kernel of every forward (update, scoring, evaluation); both act after loading (and
+    after the tiny model's warm-up, whose cache they do not change)."""
     tokenizer, policy, info = _load_policy(path, dtype, gguf_file, tiny, warmup, task, is_correct, cache_dir)
+    if attn_implementation:
+        policy.set_attn_implementation(attn_implementation)
     if gradient_checkpointing:
         enable_activation_checkpointing(policy)
     return tokenizer, policy, info
@@ -246,6 +251,14 @@ def _load_policy(path, dtype, gguf_file, tiny, warmup, task, is_correct, cache_d
     return tokenizer, policy.to(DTYPES[dtype]), info
 
 
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""``model.attn_implementation`` values (Hugging Face's names). ``eager`` is matrix products and a
+float32 softmax: on CPU at short sequences (the tiny default, the TRL benchmark's 72 tokens) it
+costs less than SDPA's fused kernel, forward and backward, above all in bfloat16, where SDPA's CPU
+backward is twice as slow as in float32 (``bench_update_kernels.py``); it keeps the ``heads x s x s``
+probabilities for the backward, so long sequences want ``sdpa`` or flash attention."""
+
+
 def check_model(cfg: DictConfig) -> None:
     """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's heads and warm-up task."""
     dtype = select(cfg, "model.dtype")
@@ -257,6 +270,10 @@ def check_model(cfg: DictConfig) -> None:
     if dtype == "bfloat16" and may_use_gpu(select(cfg, "trainer.accelerator", "auto")) and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("model.dtype=bfloat16 is not supported by this GPU; allowed here: float32, float16")
     one_of("model.gradient_checkpointing", select(cfg, "model.gradient_checkpointing", False), {True, False})
+    attention = select(cfg, "model.attn_implementation", None)
+    if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={attention!r} is not valid; choose null (the model's own) "
+                          f"or one of {list(ATTENTION_IMPLEMENTATIONS)}")
     cache_dir = select(cfg, "model.cache_dir")
     if cache_dir:
         writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there

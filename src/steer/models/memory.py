@@ -318,6 +318,8 @@ class Layout:
     compute_bytes: int = 2
     """Bytes of the arithmetic's dtype (2: bf16 via FSDP mixed precision or autocast)."""
     activation_checkpointing: bool = False
+    eager_attention: bool = False
+    """``model.attn_implementation=eager``: the update keeps every layer's ``heads x s x s`` probabilities."""
     cpu_offload: bool = False
     micro_batch_sequences: int = 8
     prompt_tokens: int = 1024
@@ -448,6 +450,7 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
         param_bytes=param_bytes,
         compute_bytes=compute_bytes,
         activation_checkpointing=checkpointing,
+        eager_attention=_knob(cfg, "model.attn_implementation") == "eager",
         cpu_offload=fsdp and bool(_knob(cfg, "trainer.strategy.cpu_offload", False)),
         micro_batch_sequences=int(micro),
         prompt_tokens=int(_knob(cfg, "rollout.max_prompt_length", 0)),
@@ -562,12 +565,17 @@ def _g(size: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def activation_bytes_per_token_layer(arch: Architecture, compute_bytes: int, sequence_tokens: int) -> int:
+def activation_bytes_per_token_layer(arch: Architecture, compute_bytes: int, sequence_tokens: int,
+                                     eager_attention: bool = False) -> int:
     """``A = 2 (4h + 2 c h + 4) + 4 c q + 4 a + s c + 4 c i``: what one decoder layer saves for its
-    backward, per token (module docstring; ``q`` = heads x head_dim, ``s`` the padded sequence)."""
+    backward, per token (module docstring; ``q`` = heads x head_dim, ``s`` the padded sequence).
+    ``eager_attention`` (``model.attn_implementation=eager``): the attention probabilities are kept
+    too, ``a s (4 + c)`` (the float32 softmax and its cast to the compute dtype; no cast in float32)."""
     h, i, c = arch.hidden_size, arch.intermediate_size, compute_bytes
     norms = 2 * (FLOAT32_BYTES * h + 2 * c * h + FLOAT32_BYTES)
     attention = 4 * c * arch.query_width + FLOAT32_BYTES * arch.num_attention_heads + sequence_tokens * c
+    if eager_attention:
+        attention += arch.num_attention_heads * sequence_tokens * (FLOAT32_BYTES + (c if c < FLOAT32_BYTES else 0))
     return norms + attention + 4 * c * i
 
 
@@ -656,7 +664,7 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
     # after the head's chunks are freed: the transient is the larger of the two.
     b, s, R = layout.micro_batch_sequences, layout.sequence_tokens, layout.response_tokens
     tokens = b * s
-    A = activation_bytes_per_token_layer(arch, c, s)
+    A = activation_bytes_per_token_layer(arch, c, s, layout.eager_attention)
     G = backward_working_bytes_per_token(arch, c)
     final_norm = FLOAT32_BYTES * h + 2 * c * h
     head_input = b * R * c * h + b * s * s  # the response positions' hidden states; the boolean 4-D mask

@@ -26,6 +26,7 @@ prompts, then one more per generated token.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Iterator
 
@@ -292,11 +293,24 @@ def sample(
         functional = supports_functional(model)
     if group < 1 or prompt_ids.shape[0] % group:
         raise ValueError(f"group={group} must be >= 1 and divide the {prompt_ids.shape[0]} rows")
-    if functional:
-        steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group)
-    else:
-        steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
     batch, device = prompt_ids.shape[0], prompt_ids.device
+    # On CPU the decoding runs in the parameters' dtype even under autocast (model.compute_dtype=
+    # bfloat16): Lightning's autocast casts every weight anew at every step (its cast cache is off),
+    # and bf16 matrix products of a few rows whose count changes as rows finish are slower than
+    # float32 ones there (oneDNN builds a kernel per shape). The update keeps its bf16 arithmetic.
+    cpu_autocast = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+        if functional:
+            steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group)
+        else:
+            steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
+        return _draw(steps, batch, device, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p)
+
+
+def _draw(steps: Iterator[torch.Tensor], batch: int, device: torch.device, max_new_tokens: int, eos_token_id: int,
+          pad_token_id: int, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling loop of :func:`sample`: draws from the logits ``steps`` yields, sends back the
+    tokens and the rows that go on."""
     response_ids = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     response_logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
     running = torch.arange(batch, device=device)  # the batch row of each row the decoder still runs
