@@ -75,3 +75,14 @@ def test_a_wrong_kernel_name_is_refused_at_start_up(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model.attn_implementation='flash'.*'eager', 'sdpa'"):
         check_config(compose([*TINY_RUN, "model.attn_implementation=flash"], tmp_path))
+
+
+def test_flash_attention_without_its_package_or_a_gpu_is_refused_at_start_up(tmp_path):
+    import importlib.util
+
+    from steer.startup import check_config
+
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        pytest.skip("flash-attn and a GPU are here: the kernel is allowed")
+    with pytest.raises(ConfigError, match=r"flash_attention_2 needs a CUDA GPU and the 'flash_attn' package.*allowed here"):
+        check_config(compose([*TINY_RUN, "model.attn_implementation=flash_attention_2"], tmp_path))

@@ -258,6 +258,9 @@ costs less than SDPA's fused kernel, forward and backward, above all in bfloat16
 backward is twice as slow as in float32 (``bench_update_kernels.py``); it keeps the ``heads x s x s``
 probabilities for the backward, so long sequences want ``sdpa`` or flash attention."""
 
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+"""The package each flash-attention kernel needs (both run on CUDA GPUs only)."""
+
 
 def check_model(cfg: DictConfig) -> None:
     """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's heads and warm-up task."""
@@ -274,6 +277,12 @@ def check_model(cfg: DictConfig) -> None:
     if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(f"model.attn_implementation={attention!r} is not valid; choose null (the model's own) "
                           f"or one of {list(ATTENTION_IMPLEMENTATIONS)}")
+    if attention in FLASH_PACKAGES:
+        package = FLASH_PACKAGES[attention]
+        if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
+            raise ConfigError(f"model.attn_implementation={attention} needs a CUDA GPU and the {package!r} package "
+                              f"(installed: {importlib.util.find_spec(package) is not None}, GPU: {torch.cuda.is_available()}); "
+                              "allowed here: null, eager, sdpa")
     cache_dir = select(cfg, "model.cache_dir")
     if cache_dir:
         writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there
@@ -282,8 +291,6 @@ def check_model(cfg: DictConfig) -> None:
     if path:
         path = str(path)
         if path.startswith(PACKAGE_PREFIX):
-            import importlib.util
-
             package = path[len(PACKAGE_PREFIX):]
             spec = importlib.util.find_spec(package) if package else None
             if spec is None or not spec.submodule_search_locations:
