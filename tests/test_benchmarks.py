@@ -229,12 +229,12 @@ def test_bench_update_kernels_prints_every_setting(capsys):
     assert float(rows["float32+eager"][2]) < 1e-4  # another kernel, the same arithmetic up to round-off
 
 
-def test_bench_autocast_sampling_measures_both_loops(capsys):
-    import bench_autocast_sampling
+def test_bench_sampling_modes_measures_every_mode(capsys):
+    import bench_sampling_modes
 
-    results = bench_autocast_sampling.main(["--sizes", "small", "--rounds", "1", "--calls", "1", "--threads", "1",
-                                            "--new-tokens", "4"])
-    assert set(results["small"]) == {"autocast_on", "float32"} and all(v > 0 for v in results["small"].values())
+    results = bench_sampling_modes.main(["--sizes", "small", "--rounds", "1", "--calls", "1", "--threads", "1",
+                                         "--new-tokens", "4"])
+    assert set(results["small"]) == {"bf16_autocast", "no_grad", "today"} and all(v > 0 for v in results["small"].values())
     assert "64 rows x 4 tokens" in capsys.readouterr().out
 
 

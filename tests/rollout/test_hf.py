@@ -73,6 +73,19 @@ def test_the_functional_and_the_hf_forward_loops_draw_the_same_tokens():
 
 
 @pytest.mark.parametrize("functional", [True, False])
+def test_the_draws_can_enter_the_updates_autograd_graph(functional):
+    """The functional loop decodes in inference mode; what it returns are ordinary tensors, which an
+    embedding lookup with gradients (the update's first operator) may save for its backward."""
+    tokenizer = build_char_tokenizer()
+    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1).train()
+    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids] * 4, 0)
+    response_ids, logprobs = sample(policy, prompt_ids, prompt_mask, 6, 1, 0, functional=functional, group=4)
+    assert not response_ids.is_inference() and not logprobs.is_inference()
+    policy.get_input_embeddings()(response_ids).sum().backward()
+    assert policy.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("functional", [True, False])
 def test_cpu_sampling_under_bf16_autocast_runs_in_float32(functional):
     """model.compute_dtype=bfloat16 on CPU (Lightning's autocast around the whole step): the decoding
     still runs in the parameters' float32 (bf16 decoding is slower on CPU), so the draws and their

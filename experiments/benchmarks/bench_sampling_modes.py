@@ -1,13 +1,18 @@
-"""The HF engine's decoding under bf16 autocast (``model.compute_dtype=bfloat16`` on CPU): as it runs
-now (``steer.rollout.decode.sample`` turns autocast off around its loop: float32 arithmetic) against
-the same loop with autocast left on around every operator (as before: every weight cast again at
-every step, bf16 products of a few dozen rows).
+"""The HF engine's decoding loop (``steer.rollout.decode.sample``, functional decoder) as it runs
+today against two earlier ways of running it:
+
+- ``today``: float32 arithmetic (autocast off around the loop, even under bf16 autocast) in
+  ``torch.inference_mode`` (no version counters or autograd bookkeeping per operator);
+- ``no_grad``: the same loop under ``torch.no_grad`` (as before inference mode);
+- ``bf16_autocast``: the loop under ``torch.no_grad`` inside bf16 autocast with autocast left on
+  around every operator, as ``model.compute_dtype=bfloat16`` ran it before (every weight cast anew
+  at every step).
 
 The TRL benchmark's fixed shape (8 prompts x 8 samples, 24-token prompts, 48 new tokens) at its two
-sizes; the two ways alternate round by round, each round the median of ``--calls`` calls with the
-same seed. Printed: the median over rounds and every round.
+sizes; the modes alternate round by round, each round the median of ``--calls`` calls with the same
+seed. Printed: the median over rounds and every round.
 
-    python experiments/benchmarks/bench_autocast_sampling.py [--rounds 5] [--calls 3] [--sizes small large]
+    python experiments/benchmarks/bench_sampling_modes.py [--rounds 7] [--calls 3] [--sizes small large]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from steer.rollout import decode  # noqa: E402
 
 SIZES = {"small": (96, 2), "large": (192, 4)}  # hidden, layers (4 heads): bench_vs_trl.py's sizes
 PROMPTS, SAMPLES, PROMPT_TOKENS, NEW_TOKENS = 8, 8, 24, 48
+MODES = ("bf16_autocast", "no_grad", "today")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,27 +54,25 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_ids = torch.randint(5, 90, (PROMPTS, PROMPT_TOKENS), generator=generator).repeat_interleave(SAMPLES, 0)
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
 
-        def float32_loop():
-            return decode.sample(policy, prompt_ids, prompt_mask, args.new_tokens, tokenizer.eos_token_id,
-                                 tokenizer.pad_token_id, group=SAMPLES)
-
-        def autocast_loop():  # the same loop, every operator under the surrounding autocast
-            steps = decode.functional_steps(policy, prompt_ids, prompt_mask, args.new_tokens, SAMPLES)
-            with torch.no_grad():
+        def loop(mode: str):
+            if mode == "today":
+                return decode.sample(policy, prompt_ids, prompt_mask, args.new_tokens, tokenizer.eos_token_id,
+                                     tokenizer.pad_token_id, group=SAMPLES)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16_autocast"):
+                steps = decode.functional_steps(policy, prompt_ids, prompt_mask, args.new_tokens, SAMPLES)
                 return decode._draw(steps, rows, prompt_ids.device, args.new_tokens, tokenizer.eos_token_id,
                                     tokenizer.pad_token_id, 1.0, 1.0)
 
-        seconds = {"autocast_on": [], "float32": []}
+        seconds = {mode: [] for mode in MODES}
         for round_ in range(args.rounds):
-            for name, loop in (("autocast_on", autocast_loop), ("float32", float32_loop)):
+            for mode in MODES:
                 calls = []
                 for _ in range(args.calls):
                     torch.manual_seed(round_)
                     start = time.perf_counter()
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loop()
+                    loop(mode)
                     calls.append(time.perf_counter() - start)
-                seconds[name].append(statistics.median(calls))
+                seconds[mode].append(statistics.median(calls))
         results[size] = {name: statistics.median(values) for name, values in seconds.items()}
         print(f"{size} ({sum(p.numel() for p in policy.parameters()):,} parameters), {rows} rows x {args.new_tokens} tokens: "
               + ", ".join(f"{name} {statistics.median(values):.4f} s (rounds {' '.join(f'{v:.3f}' for v in values)})"
