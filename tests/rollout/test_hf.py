@@ -60,10 +60,15 @@ def test_sampled_logprobs_equal_a_teacher_forced_forward(functional, num_kv_head
     assert torch.isfinite(logprobs[mask]).all()  # a filtered token was never drawn
 
 
-def test_the_functional_and_the_hf_forward_loops_draw_the_same_tokens():
+def two_prompts_four_times():
+    """A 2-layer tiny policy and 8 left-padded rows of two prompts."""
     tokenizer = build_char_tokenizer()
     policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2).eval()
-    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A").input_ids] * 4, 0)
+    return policy, *left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A").input_ids] * 4, 0)
+
+
+def test_the_functional_and_the_hf_forward_loops_draw_the_same_tokens():
+    policy, prompt_ids, prompt_mask = two_prompts_four_times()
     draws = []
     for functional in (True, False):
         torch.manual_seed(3)
@@ -91,9 +96,7 @@ def test_cpu_sampling_under_bf16_autocast_runs_in_float32(functional):
     still runs in the parameters' float32 (bf16 decoding is slower on CPU), so the draws and their
     log-probs equal those without autocast, and the teacher-forced float32 forward's. The update
     that follows keeps autocast (checked after the draw)."""
-    tokenizer = build_char_tokenizer()
-    policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2).eval()
-    prompt_ids, prompt_mask = left_pad([tokenizer("Q: 1+2\nA: ").input_ids, tokenizer("A").input_ids] * 4, 0)
+    policy, prompt_ids, prompt_mask = two_prompts_four_times()
     draws = []
     for autocast in (False, True):
         torch.manual_seed(5)
