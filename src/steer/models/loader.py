@@ -253,10 +253,10 @@ def _load_policy(path, dtype, gguf_file, tiny, warmup, task, is_correct, cache_d
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 """``model.attn_implementation`` values (Hugging Face's names). ``eager`` is matrix products and a
-float32 softmax: on CPU at short sequences (the tiny default, the TRL benchmark's 72 tokens) it
-costs less than SDPA's fused kernel, forward and backward, above all in bfloat16, where SDPA's CPU
-backward is twice as slow as in float32 (``bench_update_kernels.py``); it keeps the ``heads x s x s``
-probabilities for the backward, so long sequences want ``sdpa`` or flash attention."""
+float32 softmax: in bfloat16 on CPU at short sequences (the TRL benchmark's 72 tokens) it costs
+less than SDPA's kernel, whose CPU backward is slower in bfloat16 than in float32; in float32 the
+two cost the same (``bench_update_kernels.py``). It keeps the ``heads x s x s`` probabilities for
+the backward, so long sequences want ``sdpa`` or flash attention."""
 
 FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 """The package each flash-attention kernel needs (both run on CUDA GPUs only)."""
@@ -279,10 +279,10 @@ def check_model(cfg: DictConfig) -> None:
                           f"or one of {list(ATTENTION_IMPLEMENTATIONS)}")
     if attention in FLASH_PACKAGES:
         package = FLASH_PACKAGES[attention]
-        if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
+        installed, gpu = importlib.util.find_spec(package) is not None, torch.cuda.is_available()
+        if not (installed and gpu):
             raise ConfigError(f"model.attn_implementation={attention} needs a CUDA GPU and the {package!r} package "
-                              f"(installed: {importlib.util.find_spec(package) is not None}, GPU: {torch.cuda.is_available()}); "
-                              "allowed here: null, eager, sdpa")
+                              f"(installed: {installed}, GPU: {gpu}); allowed here: null, eager, sdpa")
     cache_dir = select(cfg, "model.cache_dir")
     if cache_dir:
         writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there

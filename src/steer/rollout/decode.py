@@ -299,19 +299,19 @@ def sample(
     # off), around operators of a few dozen rows; no faster at 2.38M parameters, 1.6x slower at 0.31M
     # (bench_sampling_modes.py). The update keeps its bf16 arithmetic.
     cpu_autocast = device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
-        if not functional:
-            steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
-            return _draw(steps, batch, device, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p)
-        # Inference mode: no version counters or autograd bookkeeping on the decoder's few-microsecond
-        # operators (-14% of a 0.31M policy's decoding, bench_sampling_modes.py). Not for the other
-        # loop, which also serves FSDP-sharded policies. The results are copied out of it: inference
-        # tensors cannot enter the update's autograd graph.
-        with torch.inference_mode():
+    # The functional decoder runs in inference mode: no version counters or autograd bookkeeping on
+    # its few-microsecond operators (-14% of a 0.31M policy's decoding, bench_sampling_modes.py).
+    # Not the other loop, which also serves FSDP-sharded policies. Its results are copied out:
+    # inference tensors cannot enter the update's autograd graph.
+    with (torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext(),
+          torch.inference_mode() if functional else contextlib.nullcontext()):
+        if functional:
             steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group)
-            response_ids, response_logprobs = _draw(steps, batch, device, max_new_tokens, eos_token_id, pad_token_id,
-                                                    temperature, top_p)
-        return response_ids.clone(), response_logprobs.clone()
+        else:
+            steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
+        response_ids, response_logprobs = _draw(steps, batch, device, max_new_tokens, eos_token_id, pad_token_id,
+                                                temperature, top_p)
+    return (response_ids.clone(), response_logprobs.clone()) if functional else (response_ids, response_logprobs)
 
 
 def _draw(steps: Iterator[torch.Tensor], batch: int, device: torch.device, max_new_tokens: int, eos_token_id: int,
