@@ -81,8 +81,6 @@ CASES = {
     "clip_high_inf": (["algorithm.clip.high=inf"], r"algorithm\.clip\.high=inf .*allowed: a finite number >= 0"),
     "grad_clip_nan": (["algorithm.grad_clip=nan"], r"algorithm\.grad_clip=nan .*0 disables"),
     "micro_batch_tokens_0": (["algorithm.micro_batch_tokens=0"], r"algorithm\.micro_batch_tokens=0 is not valid; allowed: an integer >= 1, or null"),
-    "pack_and_share": (["algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true"],
-                       r"algorithm\.pack_sequences=true and algorithm\.share_prompt_prefix=true .*choose one"),
     "dtype_float8": (["model.dtype=float8"], r"model\.dtype='float8' is not valid; choose one of \['bfloat16', 'float16', 'float32'\]"),
     "threads_0": (["threads=0"], r"threads=0 is not valid; allowed: an integer >= 1, auto \(the free cores\), or null"),
     "seed_negative": (["seed=-1"], r"seed=-1 is not valid; allowed: an integer >= 0 and <= 4294967295"),

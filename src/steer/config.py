@@ -147,9 +147,6 @@ def check_algorithm(algorithm: AlgorithmConfig) -> None:
             f"algorithm.micro_batch_size={algorithm.micro_batch_size} must be >= 1 and divide the "
             f"mini-batch of minibatch_prompts * n = {sequences} sequences; allowed: {divisors(sequences)}, or null"
         )
-    if algorithm.pack_sequences and algorithm.share_prompt_prefix:
-        raise ConfigError("algorithm.pack_sequences=true and algorithm.share_prompt_prefix=true are two ways of skipping "
-                          "work in the same forward; choose one (packing leaves out the padding, sharing the repeated prompts)")
     if algorithm.micro_batch_tokens is not None:
         number("algorithm.micro_batch_tokens", algorithm.micro_batch_tokens, 1, integer=True, allowed="an integer >= 1, or null")
     number("algorithm.clip.low", algorithm.clip.low, 0)

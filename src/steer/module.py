@@ -33,6 +33,7 @@ from steer.checkpointing import CHECKPOINT_DIR, collect_rng_states, restore_rng_
 from steer.config import AlgorithmConfig
 from steer.data.records import PromptBatch
 from steer.distributed import check_world_size, gather_objects, max_over_ranks, min_over_ranks, sum_over_ranks
+from steer.models.functional import supports_functional
 from steer.observers import StepContext, StepObserver
 from steer.optimizer import adamw_implementation
 from steer.rewards.base import Reward, RewardOutput, score_safely
@@ -499,6 +500,10 @@ class RLVRModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.policy.train()  # from_pretrained returns modules in eval mode
+        if self.algorithm.pack_sequences and self.algorithm.share_prompt_prefix and not supports_functional(self.policy):
+            log.warning("algorithm.pack_sequences and algorithm.share_prompt_prefix together need a Qwen2/Llama-family "
+                        "policy that is not sharded by FSDP (%s here): the forwards pack without sharing prompts",
+                        type(self.policy).__name__)
         if self.global_rank > 0:
             # Every rank was seeded alike: without this each would sample its prompts with the same
             # random numbers. Rank 0 keeps the seed (one process is unchanged); interventions that

@@ -106,8 +106,9 @@ def _train(tmp_path, monkeypatch, overrides):
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
 @pytest.mark.parametrize("less_padding", [["algorithm.micro_batch_tokens=150"], ["algorithm.pack_sequences=true"],
-                                          ["algorithm.micro_batch_tokens=150", "algorithm.pack_sequences=true"]],
-                         ids=["token_budget", "packed", "both"])
+                                          ["algorithm.micro_batch_tokens=150", "algorithm.pack_sequences=true"],
+                                          ["algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true"]],
+                         ids=["token_budget", "packed", "both", "packed_shared"])
 def test_less_padding_gives_the_padded_update(tmp_path, monkeypatch, aggregation, less_padding):
     overrides = [*ONE_STEP, f"algorithm.loss_aggregation={aggregation}", "algorithm.grad_clip=0"]
     padded, padded_grad, padded_forwards = _train(tmp_path / "padded", monkeypatch, overrides)

@@ -58,6 +58,9 @@ CASES = {
     # n = 4 in two: the same update on 1 and 2 processes.
     "steer_shared": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_size=2",
                      "algorithm.share_prompt_prefix=true"],
+    # Packed and shared at once (the hand-applied layers of steer.algo.packed_shared), groups cut as above.
+    "steer_packed_shared": ["intervention=steer", "intervention.components.steer.scope=global", "algorithm.micro_batch_size=2",
+                            "algorithm.share_prompt_prefix=true", "algorithm.pack_sequences=true"],
     "kl_cov": ["intervention=kl_cov", "intervention.components.kl_cov.scope=global", "intervention.components.kl_cov.ratio=0.1",
                "algorithm.micro_batch_size=4"],
     # Token-budget micro-batches (rows sorted by length; ranks may need different counts, and make

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from steer.algo.packed_shared import packed_shared_hidden
+from steer.models.functional import supports_functional
+
 
 def logprobs_and_entropy_from_logits(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
@@ -133,12 +136,19 @@ def response_logprobs_and_entropy(
             of a prompt), see :func:`shared_prompt_hidden`; the same values and gradients up to
             float round-off. Falls back to the plain forward where the model cannot take a key/value
             cache (gradient checkpointing while training) or no two adjacent rows share a prompt.
-        pack: leave the padding out (:func:`packed_logprobs_and_entropy`); takes precedence over
-            ``share_prompts``.
+        pack: leave the padding out (:func:`packed_logprobs_and_entropy`). With ``share_prompts``
+            too, both (:mod:`steer.algo.packed_shared`) where the model's layers can be applied by
+            hand (Qwen2/Llama families, not FSDP-sharded) and two adjacent rows share a prompt;
+            otherwise packing alone.
 
     Returns:
         ``(logprob, entropy)``, each ``[B, R]`` float32 (padding positions hold garbage; mask them).
     """
+    if pack and share_prompts and supports_functional(model):
+        groups = prompt_groups(input_ids, attention_mask, response_length)
+        if groups is not None:
+            hidden, response_mask = packed_shared_hidden(model, input_ids, attention_mask, response_length, *groups)
+            return _scatter_head(model, hidden, input_ids[:, -response_length:], response_mask, temperature, chunk_tokens)
     if pack:
         return packed_logprobs_and_entropy(model, input_ids, attention_mask, response_length, temperature=temperature,
                                            chunk_tokens=chunk_tokens)
@@ -219,12 +229,18 @@ def packed_logprobs_and_entropy(
     response_mask = valid[:, -response_length:]
     predictors = (first + prompt_lengths - 1)[:, None] + torch.arange(response_length, device=device)
     chosen = hidden.reshape(rows * capacity, -1)[predictors[response_mask]]
+    return _scatter_head(model, chosen, input_ids[:, -response_length:], response_mask, temperature, chunk_tokens)
+
+
+def _scatter_head(model, hidden, targets, response_mask, temperature, chunk_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output head on ``hidden [tokens, D]``, the real response tokens in row-major order of
+    ``response_mask [B, R]``; log-probs and entropies back in the ``[B, R]`` layout, 0 on padding."""
     head = model.get_output_embeddings()
     logprob, entropy = chunked_logprobs_and_entropy(
-        chosen[None], head.weight, input_ids[:, -response_length:][response_mask][None],
+        hidden[None], head.weight, targets[response_mask][None],
         head_bias=getattr(head, "bias", None), temperature=temperature, chunk_tokens=chunk_tokens,
     )
-    zeros = torch.zeros(response_mask.shape, dtype=logprob.dtype, device=device)
+    zeros = torch.zeros(response_mask.shape, dtype=logprob.dtype, device=hidden.device)
     return zeros.masked_scatter(response_mask, logprob[0]), zeros.masked_scatter(response_mask, entropy[0])
 
 

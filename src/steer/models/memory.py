@@ -133,7 +133,7 @@ GATHERED_DECODER_LAYERS = 2
 SAMPLER_BUFFERS = 4
 """Float32 ``[B, V]`` tensors of one sampling step (float logits, log-softmax, Gumbel noise, their sum)."""
 FUNCTIONAL_DECODER_TYPES = ("qwen2", "llama")
-"""Model types our functional decoder runs (``steer.rollout.decode.FUNCTIONAL_MODEL_TYPES``)."""
+"""Model types our functional decoder runs (``steer.models.functional.FUNCTIONAL_MODEL_TYPES``)."""
 
 REPAIR_KNOBS = (
     "algorithm.micro_batch_size or algorithm.micro_batch_tokens (activations grow with them)",

@@ -33,15 +33,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from steer.models.functional import supports_functional
+
 COMPACT_FRACTION = 8
 """The decoding loop drops finished rows once they are at least 1/8 of the rows it runs (each drop
 copies the key/value buffers of the rows that go on; finished rows in between cost at most 1/8 of a
 step); 0 never drops them (``bench_finished_rows.py`` compares)."""
-
-# Architectures whose decoder layer is exactly: x + o(attn(rope(q(n1(x))), rope(k(.)), v(.))), then
-# x + mlp(n2(x)), with RMSNorm modules and no sliding window. Others use hf_forward_steps.
-FUNCTIONAL_MODEL_TYPES = ("qwen2", "llama")
-
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filter (Holtzman et al., 2020): keep the smallest set of most likely tokens whose
@@ -75,25 +72,6 @@ def gumbel_max(logprobs: torch.Tensor) -> torch.Tensor:
     slow on CPU). ``-inf`` entries (filtered by top-p) are never drawn."""
     gumbel = torch.rand_like(logprobs).log_().neg_().log_().neg_()
     return (logprobs + gumbel).argmax(-1)
-
-
-def supports_functional(model: torch.nn.Module) -> bool:
-    """Whether :class:`FunctionalDecoder` reproduces ``model``'s forward exactly."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in FUNCTIONAL_MODEL_TYPES:
-        return False
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
-        return False
-    backbone = getattr(model, "model", None)
-    if backbone is None or not hasattr(backbone, "rotary_emb") or not hasattr(backbone, "layers"):
-        return False
-    # Sharded parameters (FSDP2 DTensors) are only gathered by the layers' own forward hooks,
-    # which the hand-applied decoder bypasses.
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return False
-    attention = backbone.layers[0].self_attn
-    # Variants with extra normalisation inside attention (e.g. Qwen3's q_norm) are not covered.
-    return not any(hasattr(attention, name) for name in ("q_norm", "k_norm"))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
