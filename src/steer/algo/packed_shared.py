@@ -58,11 +58,10 @@ def packed_shared_hidden(
     input_width = max(int(response_lengths.max()) - 1, 0)
     prompt_slots = torch.arange(prompt_width, device=device) < prompt_lengths[:, None]  # [G, Pw], real first
     response_slots = torch.arange(input_width, device=device) < (response_lengths - 1)[:, None]  # [B, Rw]
-    # A real token's place in the compact layouts: prompts take columns [0, length) of their row.
-    prompt_tokens = torch.zeros(prompt_slots.shape, dtype=input_ids.dtype, device=device)
-    prompt_tokens[prompt_slots] = input_ids[first, :prompt_length][prompt_mask]
+    # The flat tokens: the prompts' real tokens (row by row), then the responses' inputs. In the
+    # padded attention layouts each takes columns [0, length) of its row.
     response_tokens = input_ids[:, prompt_length : prompt_length + input_width]
-    tokens = torch.cat([prompt_tokens[prompt_slots], response_tokens[response_slots]])
+    tokens = torch.cat([input_ids[first, :prompt_length][prompt_mask], response_tokens[response_slots]])
     positions = torch.cat([
         torch.arange(prompt_width, device=device).expand_as(prompt_slots)[prompt_slots],
         (prompt_lengths.index_select(0, group)[:, None] + torch.arange(input_width, device=device))[response_slots],
@@ -111,7 +110,7 @@ class _Layout:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eager = getattr(config, "_attn_implementation", None) == "eager"
-        self.prompt_slots, self.response_slots, self.group = prompt_slots, response_slots, group
+        self.prompt_slots, self.response_slots, self.group = _Slots(prompt_slots), _Slots(response_slots), group
         self.prompt_count = prompt_count
         self.prompt_visible, self.response_visible = prompt_visible, response_visible
         self.cos, self.sin = cos[:, None], sin[:, None]  # [N, 1, head dim]: broadcast over heads
@@ -130,16 +129,16 @@ class _Layout:
     def attend(self, q, k, v, scale, dropout) -> torch.Tensor:
         """``[N, heads, D]`` queries, ``[N, KV heads, D]`` keys and values -> ``[N, heads, D]``."""
         split = self.prompt_count
-        prompt_q, prompt_k, prompt_v = (_pad(t[:split], self.prompt_slots) for t in (q, k, v))  # [G, h, Pw, D]
-        prompt_out = _unpad(self._attention(prompt_q, prompt_k, prompt_v, self.prompt_visible, scale, dropout),
-                            self.prompt_slots)
+        prompt_q, prompt_k, prompt_v = (self.prompt_slots.pad(t[:split]) for t in (q, k, v))  # [G, h, Pw, D]
+        prompt_out = self.prompt_slots.unpad(self._attention(prompt_q, prompt_k, prompt_v, self.prompt_visible, scale,
+                                                             dropout))
         if split == len(q):  # no response has an input token (every response is at most one token long)
             return prompt_out
-        response_q, response_k, response_v = (_pad(t[split:], self.response_slots) for t in (q, k, v))
+        response_q, response_k, response_v = (self.response_slots.pad(t[split:]) for t in (q, k, v))
         keys = torch.cat([prompt_k.index_select(0, self.group), response_k], dim=2)
         values = torch.cat([prompt_v.index_select(0, self.group), response_v], dim=2)
         response_out = self._attention(response_q, keys, values, self.response_visible, scale, dropout)
-        return torch.cat([prompt_out, _unpad(response_out, self.response_slots)])
+        return torch.cat([prompt_out, self.response_slots.unpad(response_out)])
 
     def _attention(self, q, k, v, visible, scale, dropout) -> torch.Tensor:
         if not self.eager:
@@ -155,17 +154,22 @@ class _Layout:
         return torch.matmul(weights, v)
 
 
-def _pad(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``[n, h, D]`` tokens into ``[rows, h, width, D]`` at the True places of ``slots [rows, width]``
-    (zeros elsewhere)."""
-    padded = flat.new_zeros(*slots.shape, *flat.shape[1:])
-    padded[slots] = flat
-    return padded.transpose(1, 2)
+class _Slots:
+    """The True places of a ``[rows, width]`` mask, as flat indices (computed once per forward, not
+    once per layer and tensor)."""
 
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.shape = mask.shape
+        self.index = mask.flatten().nonzero().squeeze(-1)
 
-def _unpad(padded: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`_pad`: ``[rows, h, width, D]`` -> ``[n, h, D]``."""
-    return padded.transpose(1, 2)[slots]
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[n, h, D]`` tokens -> ``[rows, h, width, D]``, zeros elsewhere."""
+        padded = flat.new_zeros(self.shape[0] * self.shape[1], *flat.shape[1:]).index_copy(0, self.index, flat)
+        return padded.unflatten(0, self.shape).transpose(1, 2)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`pad`: ``[rows, h, width, D]`` -> ``[n, h, D]``."""
+        return padded.transpose(1, 2).flatten(0, 1).index_select(0, self.index)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
