@@ -229,6 +229,17 @@ def test_bench_update_kernels_prints_every_setting(capsys):
     assert float(rows["float32+eager"][2]) < 1e-4  # another kernel, the same arithmetic up to round-off
 
 
+def test_bench_update_layouts_counts_less_work_for_each_saving():
+    import bench_update_layouts
+
+    results = bench_update_layouts.main(["--shape", "fixed", "paper", "--size", "small", "--rounds", "1", "--threads", "1"])
+    for shape, result in results.items():
+        slots = result["slots"]
+        # Sharing and packing each remove work, and together the most: the prompts once per group, no padding.
+        assert slots["packed_shared"] < min(slots["shared"], slots["packed"]) <= max(slots["shared"], slots["packed"]) < slots["padded"], shape
+        assert all(seconds > 0 for seconds in result["median_s"].values())
+
+
 def test_bench_sampling_modes_measures_every_mode(capsys):
     import bench_sampling_modes
 

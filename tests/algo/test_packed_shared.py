@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import steer.algo.logprobs as logprobs_module
+import steer.algo.packed_shared as packed_shared
 from steer.algo.logprobs import response_logprobs_and_entropy
 from steer.models.tiny import build_char_tokenizer, build_tiny_policy
 from tests.algo.test_shared_prompts import R, batch
@@ -44,7 +45,15 @@ def assert_same(got, expected, response_mask):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("rows", [slice(0, 9), slice(2, 7)], ids=["whole", "cut_groups"])
-def test_packed_and_shared_give_the_padded_values_and_gradients(tokenizer, kv_heads, attention, rows, monkeypatch):
+@pytest.mark.parametrize("buckets", ["one", "many"])
+def test_packed_and_shared_give_the_padded_values_and_gradients(tokenizer, kv_heads, attention, rows, buckets, monkeypatch):
+    """``many``: every halving of the response length starts an attention bucket (whole: input widths
+    6-4, 3-2 and 1)."""
+    made = []
+    if buckets == "many":
+        monkeypatch.setattr(packed_shared, "BUCKET_MIN_SAVING", 0)
+    split = packed_shared.attention_buckets
+    monkeypatch.setattr(packed_shared, "attention_buckets", lambda *a, **k: made.append(split(*a, **k)) or made[-1])
     torch.manual_seed(0)
     policy = build_tiny_policy(tokenizer, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=kv_heads)
     policy.config._attn_implementation = attention
@@ -55,7 +64,19 @@ def test_packed_and_shared_give_the_padded_values_and_gradients(tokenizer, kv_he
     monkeypatch.setattr(logprobs_module, "packed_shared_hidden", lambda *a, **k: calls.append(1) or hidden(*a, **k))
     both = run(policy, ids, mask, response_mask, pack=True, share_prompts=True)
     assert calls, "the packed-and-shared path did not run"
+    assert (len(made[0]) == 1) == (buckets == "one"), made
     assert_same(both, padded, response_mask)
+
+
+def test_attention_buckets_halve_where_it_saves_enough():
+    widths = [128, 120, 70, 64, 40, 33, 20, 9, 8, 3, 1]
+    assert packed_shared.attention_buckets(widths, 24, min_saving=0) == [(0, 3), (3, 6), (6, 7), (7, 9), (9, 10), (10, 11)]
+    # A cut must save min_saving (query, key) pairs: the rows after it x the width they shed x their keys.
+    saving_at_3 = (len(widths) - 3) * (128 - 64) * (24 + 128)
+    assert packed_shared.attention_buckets(widths, 24, min_saving=saving_at_3 + 1)[0] != (0, 3)
+    assert packed_shared.attention_buckets(widths, 24, min_saving=10**9) == [(0, 11)]
+    assert packed_shared.attention_buckets([5, 5, 5], 24, min_saving=0) == [(0, 3)]
+    assert packed_shared.attention_buckets([], 24) == []
 
 
 def test_each_prompt_once_and_no_padding_reach_the_projections(tokenizer):

@@ -12,7 +12,9 @@ decoder layers by hand (Qwen2/Llama-family models, the architectures of
 - only **attention** sees a padded layout: the prompts attend causally among themselves
   (``[prompts, P]``), and each response attends to its own prompt's keys and values (indexed out to
   its row; autograd adds the ``n`` rows' gradients back into the prompt's one forward) followed by
-  its own earlier tokens (``[rows, P + R]``);
+  its own earlier tokens (``[rows, P + W]``). The responses, longest first, are cut into buckets of
+  similar length (:func:`attention_buckets`), each padded only to its own longest: where lengths
+  spread (1 to 128 tokens) one bucket would spend several times the attention work of the tokens;
 - the last response token of each row is never an input (it predicts nothing), so it is left out.
 
 Positions, masks and every operator follow the model's forward (rotary tables from its own
@@ -28,6 +30,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+BUCKET_MIN_SAVING = 50_000
+"""A new attention bucket starts only where it saves at least this many padded (query, key) pairs
+per head: each bucket costs a dozen extra operators per layer (forward and backward, ~0.5 ms on a
+2-core CPU), about what attention spends on 50,000 pairs x heads there."""
+
+
+def attention_buckets(widths: list[int], prompt_width: int, min_saving: int | None = None) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``widths`` (response input lengths, longest first, all > 0), each
+    padded to its first width in attention. A range ends where the next width is at most half its
+    first and the rows from there on would save at least ``min_saving`` (query, key) pairs by
+    starting their own (their keys: ``prompt_width`` prompt columns plus their own); default
+    :data:`BUCKET_MIN_SAVING`."""
+    min_saving = BUCKET_MIN_SAVING if min_saving is None else min_saving
+    buckets, start = [], 0
+    while start < len(widths):
+        width, end = widths[start], start + 1
+        while end < len(widths) and (
+            2 * widths[end] > width
+            or (len(widths) - end) * (width - widths[end]) * (prompt_width + width) < min_saving
+        ):
+            end += 1
+        buckets.append((start, end))
+        start = end
+    return buckets
 
 
 def packed_shared_hidden(
@@ -47,39 +75,41 @@ def packed_shared_hidden(
     """
     device = input_ids.device
     backbone = model.model
-    config = model.config
     prompt_length = input_ids.shape[1] - response_length
     prompt_mask = attention_mask[first, :prompt_length].bool()
     response_mask = attention_mask[:, prompt_length:].bool()
     prompt_lengths = prompt_mask.sum(-1)  # [G]
-    response_lengths = response_mask.sum(-1)  # [B]
-    # Inputs: each prompt's real tokens, and each response's real tokens but its last.
-    prompt_width = int(prompt_lengths.max())
-    input_width = max(int(response_lengths.max()) - 1, 0)
-    prompt_slots = torch.arange(prompt_width, device=device) < prompt_lengths[:, None]  # [G, Pw], real first
-    response_slots = torch.arange(input_width, device=device) < (response_lengths - 1)[:, None]  # [B, Rw]
-    # The flat tokens: the prompts' real tokens (row by row), then the responses' inputs. In the
-    # padded attention layouts each takes columns [0, length) of its row.
-    response_tokens = input_ids[:, prompt_length : prompt_length + input_width]
-    tokens = torch.cat([input_ids[first, :prompt_length][prompt_mask], response_tokens[response_slots]])
+    # Each response's input tokens: all its real tokens but the last.
+    inputs = (response_mask.sum(-1) - 1).clamp(min=0)  # [B]
+    # The flat tokens: the prompts' real tokens (prompt by prompt), then the responses' inputs, rows
+    # sorted longest first so that every attention bucket is one contiguous range.
+    order = torch.sort(inputs, descending=True, stable=True).indices
+    sorted_inputs = inputs[order]
+    width = int(sorted_inputs[0]) if len(order) else 0
+    columns = torch.arange(width, device=device)
+    sorted_slots = columns < sorted_inputs[:, None]  # [B, W]
+    responses = input_ids[order, prompt_length : prompt_length + width][sorted_slots]
+    tokens = torch.cat([input_ids[first, :prompt_length][prompt_mask], responses])
+    prompt_columns = torch.arange(int(prompt_lengths.max()), device=device)
+    prompt_slots = prompt_columns < prompt_lengths[:, None]  # [G, Pw]: each prompt's tokens in columns [0, length)
     positions = torch.cat([
-        torch.arange(prompt_width, device=device).expand_as(prompt_slots)[prompt_slots],
-        (prompt_lengths.index_select(0, group)[:, None] + torch.arange(input_width, device=device))[response_slots],
+        prompt_columns.expand_as(prompt_slots)[prompt_slots],
+        (prompt_lengths.index_select(0, group.index_select(0, order))[:, None] + columns)[sorted_slots],
     ])
-    prompt_count = int(prompt_slots.sum())
+    prompt_count = len(tokens) - len(responses)
 
-    # Attention masks (True: may attend). Prompts: causal among their real tokens. Responses: their
-    # prompt's real tokens, then causal among their own.
-    causal_prompt = torch.ones(prompt_width, prompt_width, dtype=torch.bool, device=device).tril()
-    prompt_visible = (causal_prompt & prompt_slots[:, None, :])[:, None]  # [G, 1, Pw, Pw]
-    own = torch.ones(input_width, input_width, dtype=torch.bool, device=device).tril().expand(len(group), -1, -1)
-    response_visible = torch.cat([prompt_slots.index_select(0, group)[:, None, :].expand(-1, input_width, -1), own],
-                                 dim=-1)[:, None]  # [B, 1, Rw, Pw + Rw]
+    blocks = [_Block(prompt_slots, 0, None, None)]
+    starts = (sorted_inputs.cumsum(0) - sorted_inputs + prompt_count).tolist()  # each sorted row's first flat token
+    nonempty = [w for w in sorted_inputs.tolist() if w > 0]
+    for start, end in attention_buckets(nonempty, prompt_slots.shape[1]):
+        rows = order[start:end]
+        bucket_width = int(sorted_inputs[start])
+        blocks.append(_Block(sorted_slots[start:end, :bucket_width], starts[start], group.index_select(0, rows),
+                             prompt_slots))
 
     hidden = backbone.embed_tokens(tokens)[None]  # [1, N, D], as the model's forward sees its embeddings
     cos, sin = backbone.rotary_emb(hidden, positions[None])
-    layout = _Layout(config, prompt_slots, response_slots, group, prompt_count, prompt_visible, response_visible,
-                     cos[0], sin[0])
+    layout = _Layout(model.config, blocks, cos[0], sin[0])
     # Hugging Face's checkpointed layers mark themselves (``gradient_checkpointing``) and recompute
     # only while training: so do these.
     recompute = model.training and torch.is_grad_enabled() and any(
@@ -91,28 +121,54 @@ def packed_shared_hidden(
         else:
             hidden = layout.layer(layer, hidden)
 
-    # Response token 0 is predicted at its prompt's last token, token t > 0 at response input t - 1.
-    last_prompt = (prompt_slots.sum(-1).cumsum(0) - 1).index_select(0, group)  # flat index, per row
-    response_index = torch.zeros(response_slots.shape, dtype=torch.long, device=device)
-    response_index[response_slots] = torch.arange(prompt_count, len(tokens), device=device)
-    predictors = torch.cat([last_prompt[:, None], response_index], dim=1)  # [B, longest response]
+    # Response token 0 is predicted at its prompt's last token, token t > 0 at the row's input t - 1.
+    last_prompt = (prompt_lengths.cumsum(0) - 1).index_select(0, group)  # flat index, per row
+    first_input = torch.empty_like(inputs)
+    first_input[order] = torch.tensor(starts, dtype=inputs.dtype, device=device)
+    predictors = torch.cat([last_prompt[:, None], first_input[:, None] + columns], dim=1)  # [B, longest response]
     chosen = predictors[response_mask[:, : predictors.shape[1]]]  # the mask is False beyond every response's end
     return backbone.norm(hidden.index_select(0, chosen)), response_mask
 
 
-class _Layout:
-    """What every layer's attention needs: the flat tokens' places in the padded prompt and response
-    layouts, the masks and the rotary tables."""
+class _Block:
+    """One padded attention layout: ``rows x width`` query slots over the contiguous flat tokens from
+    ``start``, attending causally among themselves and, for responses, first to the real tokens of
+    their prompt (row ``prefix[i]`` of the prompt block)."""
 
-    def __init__(self, config, prompt_slots, response_slots, group, prompt_count, prompt_visible, response_visible,
-                 cos, sin) -> None:
+    def __init__(self, slots: torch.Tensor, start: int, prefix: torch.Tensor | None, prompt_slots: torch.Tensor | None):
+        self.shape = slots.shape
+        self.index = slots.flatten().nonzero().squeeze(-1)
+        self.start, self.end = start, start + len(self.index)
+        self.prefix = prefix
+        width = slots.shape[1]
+        own = torch.ones(width, width, dtype=torch.bool, device=slots.device).tril()
+        if prefix is None:  # the prompts: causal among real tokens (a padding query still sees token 0)
+            self.visible = (own & slots[:, None, :])[:, None]  # [rows, 1, W, W]
+        else:
+            seen = prompt_slots.index_select(0, prefix)[:, None, :].expand(-1, width, -1)
+            self.visible = torch.cat([seen, own.expand(len(prefix), -1, -1)], dim=-1)[:, None]  # [rows, 1, W, Pw + W]
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """This block's ``[n, h, D]`` tokens of the flat ``[N, h, D]`` -> ``[rows, h, width, D]``, zeros elsewhere."""
+        mine = flat[self.start : self.end]
+        padded = mine.new_zeros(self.shape[0] * self.shape[1], *mine.shape[1:]).index_copy(0, self.index, mine)
+        return padded.unflatten(0, self.shape).transpose(1, 2)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`pad`: ``[rows, h, width, D]`` -> ``[n, h, D]``."""
+        return padded.transpose(1, 2).flatten(0, 1).index_select(0, self.index)
+
+
+class _Layout:
+    """A decoder layer over the flat tokens: projections and MLP on all of them at once, attention
+    block by block; holds the blocks and the rotary tables."""
+
+    def __init__(self, config, blocks: list[_Block], cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eager = getattr(config, "_attn_implementation", None) == "eager"
-        self.prompt_slots, self.response_slots, self.group = _Slots(prompt_slots), _Slots(response_slots), group
-        self.prompt_count = prompt_count
-        self.prompt_visible, self.response_visible = prompt_visible, response_visible
+        self.blocks = blocks
         self.cos, self.sin = cos[:, None], sin[:, None]  # [N, 1, head dim]: broadcast over heads
 
     def layer(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -128,17 +184,14 @@ class _Layout:
 
     def attend(self, q, k, v, scale, dropout) -> torch.Tensor:
         """``[N, heads, D]`` queries, ``[N, KV heads, D]`` keys and values -> ``[N, heads, D]``."""
-        split = self.prompt_count
-        prompt_q, prompt_k, prompt_v = (self.prompt_slots.pad(t[:split]) for t in (q, k, v))  # [G, h, Pw, D]
-        prompt_out = self.prompt_slots.unpad(self._attention(prompt_q, prompt_k, prompt_v, self.prompt_visible, scale,
-                                                             dropout))
-        if split == len(q):  # no response has an input token (every response is at most one token long)
-            return prompt_out
-        response_q, response_k, response_v = (self.response_slots.pad(t[split:]) for t in (q, k, v))
-        keys = torch.cat([prompt_k.index_select(0, self.group), response_k], dim=2)
-        values = torch.cat([prompt_v.index_select(0, self.group), response_v], dim=2)
-        response_out = self._attention(response_q, keys, values, self.response_visible, scale, dropout)
-        return torch.cat([prompt_out, self.response_slots.unpad(response_out)])
+        prompts, *buckets = self.blocks
+        prompt_k, prompt_v = prompts.pad(k), prompts.pad(v)  # [G, KV, Pw, D]
+        outs = [prompts.unpad(self._attention(prompts.pad(q), prompt_k, prompt_v, prompts.visible, scale, dropout))]
+        for bucket in buckets:
+            keys = torch.cat([prompt_k.index_select(0, bucket.prefix), bucket.pad(k)], dim=2)
+            values = torch.cat([prompt_v.index_select(0, bucket.prefix), bucket.pad(v)], dim=2)
+            outs.append(bucket.unpad(self._attention(bucket.pad(q), keys, values, bucket.visible, scale, dropout)))
+        return torch.cat(outs)
 
     def _attention(self, q, k, v, visible, scale, dropout) -> torch.Tensor:
         if not self.eager:
@@ -152,24 +205,6 @@ class _Layout:
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         weights = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), p=dropout, training=dropout > 0)
         return torch.matmul(weights, v)
-
-
-class _Slots:
-    """The True places of a ``[rows, width]`` mask, as flat indices (computed once per forward, not
-    once per layer and tensor)."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        self.shape = mask.shape
-        self.index = mask.flatten().nonzero().squeeze(-1)
-
-    def pad(self, flat: torch.Tensor) -> torch.Tensor:
-        """``[n, h, D]`` tokens -> ``[rows, h, width, D]``, zeros elsewhere."""
-        padded = flat.new_zeros(self.shape[0] * self.shape[1], *flat.shape[1:]).index_copy(0, self.index, flat)
-        return padded.unflatten(0, self.shape).transpose(1, 2)
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`pad`: ``[rows, h, width, D]`` -> ``[n, h, D]``."""
-        return padded.transpose(1, 2).flatten(0, 1).index_select(0, self.index)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
