@@ -119,10 +119,14 @@ def test_bench_vs_trl_one_pair(tmp_path):
     out = tmp_path / "vs_trl.json"
     command = [sys.executable, str(BENCH / "bench_vs_trl.py"), "--pairs", "1", "--sizes", "small", "--steps", "3",
                "--warmup", "1", "--threads", "1", "--workloads", "variable", "--ours", "default=",
-               "--ours", "packed=algorithm.pack_sequences=true", "--json", str(out)]
+               "--ours", "packed=algorithm.pack_sequences=true",
+               "--ours", "packed_shared=algorithm.pack_sequences=true algorithm.share_prompt_prefix=true",
+               "--trl-bf16", "--trl-attn", "eager", "--json", str(out)]
     subprocess.run(command, cwd=REPO, check=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
-    summary = json.loads(out.read_text())["results"]["variable"]["small"]
-    for name in ("default", "packed"):
+    report = json.loads(out.read_text())
+    assert report["trl_bf16"] is True and report["trl_attn"] == "eager"
+    summary = report["results"]["variable"]["small"]
+    for name in ("default", "packed", "packed_shared"):
         ours = summary["ours"][name]
         assert ours["parameters"] == summary["parameters"]
         assert ours["ratio_wall"] > 0 and ours["ratio_step"] > 0

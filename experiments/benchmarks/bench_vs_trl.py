@@ -5,7 +5,8 @@ architecture, same parameter count, same character tokenizer) at two sizes, the 
 task's first prompts rendered by the chat template, 8 prompts x 8 samples = 64 completions per
 optimiser step, at most 48 new tokens, temperature 1, one optimiser step per rollout batch, the same
 learning rate (constant), AdamW, gradient clipping at 1, token-mean (DAPO) loss with clip 0.2, no KL
-term (TRL ``beta=0``: no reference model), float32 on CPU, 2 torch threads, the project's math
+term (TRL ``beta=0``: no reference model), float32 on CPU (``--trl-bf16 --trl-attn eager`` gives TRL
+the arithmetic of ``model.compute_dtype=bfloat16 model.attn_implementation=eager``), 2 torch threads, the project's math
 reward for both, no evaluation, no entropy probe, no logging, no checkpoints.
 
 Each run is its own subprocess (imports, thread pools and allocator state equal), the two systems
@@ -150,6 +151,8 @@ def run_trl(spec: dict, warmup: int) -> dict:
 
     tokenizer = build_char_tokenizer()
     model = with_eos_bias(build_tiny_policy(tokenizer, **spec["tiny"]), tokenizer.eos_token_id, spec["eos_probability"])
+    if spec.get("attn_implementation"):
+        model.set_attn_implementation(spec["attn_implementation"])
     reward = instantiate(spec["reward"])
 
     def math_reward(prompts, completions, reference, **_):
@@ -194,7 +197,7 @@ def run_trl(spec: dict, warmup: int) -> dict:
         top_k=0,
         shuffle_dataset=False,  # our order of prompts
         use_cpu=True,
-        bf16=False,
+        bf16=spec.get("bf16", False),  # --trl-bf16: accelerate's bf16 autocast (float32 weights), as our compute_dtype
         fp16=False,
         gradient_checkpointing=False,  # TRL's default is on; ours does not recompute
         report_to="none",
@@ -249,6 +252,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="RL steps (= optimiser steps) per run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True (bf16 autocast) instead of float32")
+    parser.add_argument("--trl-attn", help="TRL's model with this attn_implementation (e.g. eager) instead of its own SDPA")
     parser.add_argument("--trl-python", type=Path, default=TRL_PYTHON, help="python of the venv with trl")
     parser.add_argument("--json", type=Path, help="write every run and the ratios here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -277,7 +282,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                TOKENIZERS_PARALLELISM="false")
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    report = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+    report = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "trl_bf16": args.trl_bf16, "trl_attn": args.trl_attn,
               "variants": {name: overrides for name, overrides in variants.items()}, "results": {}}
     print(f"{'workload':>8} {'size':>5} {'system':>12} {'pair':>4} {'params':>9} {'wall_s':>7} {'step_med_s':>10} "
           f"{'tokens/step':>11}  load average", flush=True)
@@ -285,7 +290,8 @@ def main() -> None:
     for workload_name in args.workloads:
         for size in args.sizes:
             spec_file = Path(tempfile.mkdtemp(prefix="bench-vs-trl-")) / f"{size}.json"
-            spec_file.write_text(json.dumps(workload(size, args.steps, args.threads, workload_name)))
+            spec_file.write_text(json.dumps({**workload(size, args.steps, args.threads, workload_name), "bf16": args.trl_bf16,
+                                             "attn_implementation": args.trl_attn}))
             runs = {system: [] for system in systems}
             for pair in range(args.pairs):
                 # Forwards, then backwards: a load that rises or falls during the run favours no system.
