@@ -34,8 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 BUCKET_MIN_SAVING = 50_000
 """A new attention bucket starts only where it saves at least this many padded (query, key) pairs
-per head: each bucket costs a dozen extra operators per layer (forward and backward, ~0.5 ms on a
-2-core CPU), about what attention spends on 50,000 pairs x heads there."""
+per head. An estimate for a 2-core CPU: a bucket adds about a dozen operators per layer, forward and
+backward (~0.5 ms at tens of microseconds each), and eager attention spends ~10 ns per pair and
+head there. The variable workload of ``bench_update_layouts.py`` measures the result."""
 
 
 def attention_buckets(widths: list[int], prompt_width: int, min_saving: int | None = None) -> list[tuple[int, int]]:
