@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from steer.models.functional import rotate
+
 
 BUCKET_MIN_SAVING = 50_000
 """A new attention bucket starts only where it saves at least this many padded (query, key) pairs
@@ -178,7 +180,7 @@ class _Layout:
         q = attention.q_proj(x).view(len(x), self.heads, self.head_dim)
         k = attention.k_proj(x).view(len(x), self.kv_heads, self.head_dim)
         v = attention.v_proj(x).view(len(x), self.kv_heads, self.head_dim)
-        q, k = _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         out = self.attend(q, k, v, attention.scaling, attention.attention_dropout if attention.training else 0.0)
         hidden = hidden + attention.o_proj(out.reshape(len(x), -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -206,8 +208,3 @@ class _Layout:
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         weights = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), p=dropout, training=dropout > 0)
         return torch.matmul(weights, v)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -1,7 +1,7 @@
 """Which models our hand-applied decoder layers reproduce exactly: the rollout's
 :class:`steer.rollout.decode.FunctionalDecoder` and the training forward of
 :mod:`steer.algo.packed_shared` apply a decoder layer's own modules by hand, which is only the
-model's forward for the layer structure below."""
+model's forward for the layer structure below; and the rotary embedding both apply."""
 
 from __future__ import annotations
 
@@ -29,3 +29,10 @@ def supports_functional(model: torch.nn.Module) -> bool:
     attention = backbone.layers[0].self_attn
     # Variants with extra normalisation inside attention (e.g. Qwen3's q_norm) are not covered.
     return not any(hasattr(attention, name) for name in ("q_norm", "k_norm"))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x [..., head dim]`` with tables that broadcast to it, in the
+    half-split layout of the Qwen2/Llama modelling code: ``x cos + rotate_half(x) sin``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -33,12 +33,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from steer.models.functional import supports_functional
+from steer.models.functional import rotate, supports_functional
 
 COMPACT_FRACTION = 8
 """The decoding loop drops finished rows once they are at least 1/8 of the rows it runs (each drop
 copies the key/value buffers of the rows that go on; finished rows in between cost at most 1/8 of a
 step); 0 never drops them (``bench_finished_rows.py`` compares)."""
+
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filter (Holtzman et al., 2020): keep the smallest set of most likely tokens whose
@@ -72,12 +73,6 @@ def gumbel_max(logprobs: torch.Tensor) -> torch.Tensor:
     slow on CPU). ``-inf`` entries (filtered by top-p) are never drawn."""
     gumbel = torch.rand_like(logprobs).log_().neg_().log_().neg_()
     return (logprobs + gumbel).argmax(-1)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -183,11 +178,11 @@ class FunctionalDecoder:
             q = attention.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
             k = attention.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = attention.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            k = _rotate(k, cos, sin)
+            k = rotate(k, cos, sin)
             # Buffer rows as [tokens' rows, group]: one broadcast write fills each run (no repeated copy).
             self.keys[index].unflatten(0, (batch, group))[:, :, :, start:end] = k[:, None]
             self.values[index].unflatten(0, (batch, group))[:, :, :, start:end] = v[:, None]
-            out = attend(_rotate(q, cos, sin), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
+            out = attend(rotate(q, cos, sin), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         return self.head(_rms_norm(self.norm, hidden[:, -1]))
