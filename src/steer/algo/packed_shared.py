@@ -102,13 +102,12 @@ def packed_shared_hidden(
     prompt_count = len(tokens) - len(responses)
 
     blocks = [_Block(prompt_slots, 0, None, None)]
-    starts = (sorted_inputs.cumsum(0) - sorted_inputs + prompt_count).tolist()  # each sorted row's first flat token
-    nonempty = [w for w in sorted_inputs.tolist() if w > 0]
-    for start, end in attention_buckets(nonempty, prompt_slots.shape[1]):
-        rows = order[start:end]
-        bucket_width = int(sorted_inputs[start])
-        blocks.append(_Block(sorted_slots[start:end, :bucket_width], starts[start], group.index_select(0, rows),
-                             prompt_slots))
+    starts = sorted_inputs.cumsum(0) - sorted_inputs + prompt_count  # each sorted row's first flat token
+    first_of_row = starts.tolist()
+    widths = [w for w in sorted_inputs.tolist() if w > 0]  # longest first: the rows with inputs lead
+    for start, end in attention_buckets(widths, prompt_slots.shape[1]):
+        blocks.append(_Block(sorted_slots[start:end, : widths[start]], first_of_row[start],
+                             group.index_select(0, order[start:end]), prompt_slots))
 
     hidden = backbone.embed_tokens(tokens)[None]  # [1, N, D], as the model's forward sees its embeddings
     cos, sin = backbone.rotary_emb(hidden, positions[None])
@@ -127,7 +126,7 @@ def packed_shared_hidden(
     # Response token 0 is predicted at its prompt's last token, token t > 0 at the row's input t - 1.
     last_prompt = (prompt_lengths.cumsum(0) - 1).index_select(0, group)  # flat index, per row
     first_input = torch.empty_like(inputs)
-    first_input[order] = torch.tensor(starts, dtype=inputs.dtype, device=device)
+    first_input[order] = starts
     predictors = torch.cat([last_prompt[:, None], first_input[:, None] + columns], dim=1)  # [B, longest response]
     chosen = predictors[response_mask[:, : predictors.shape[1]]]  # the mask is False beyond every response's end
     return backbone.norm(hidden.index_select(0, chosen)), response_mask
