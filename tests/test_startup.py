@@ -86,6 +86,7 @@ CASES = {
     "seed_negative": (["seed=-1"], r"seed=-1 is not valid; allowed: an integer >= 0 and <= 4294967295"),
     "temperature_negative": (["rollout.temperature=-1"], r"rollout\.temperature=-1.0 is not valid; allowed: a finite number > 0"),
     "temperature_nan": (["rollout.temperature=nan"], r"rollout\.temperature=nan"),
+    "engine_dtype": (["rollout.engine.dtype=bf16"], r"rollout\.engine\.dtype='bf16': choose auto, float32, bfloat16, float16"),
     "eval_every_0": (["eval.every_n_steps=0"], r"eval\.every_n_steps=0 is not valid; allowed: an integer >= 1"),
     "eval_temperature": (["eval.benchmarks.arithmetic.temperature=0"], r"eval\.benchmarks\.arithmetic\.temperature=0"),
     "eval_needs_task": (["data=gsm8k", "eval=heldout", "model=hf", "model.path=some/model"],

@@ -3,6 +3,8 @@ today against two earlier ways of running it:
 
 - ``today``: float32 arithmetic (autocast off around the loop, even under bf16 autocast) in
   ``torch.inference_mode`` (no version counters or autograd bookkeeping per operator);
+- ``today_bf16``: the same loop with ``dtype=bfloat16`` (``rollout.engine.dtype=bfloat16``): the
+  joined projections cast to bf16 once per call, the rest in float32;
 - ``no_grad``: the same loop under ``torch.no_grad`` (as before inference mode);
 - ``bf16_autocast``: the loop under ``torch.no_grad`` inside bf16 autocast with autocast left on
   around every operator, as ``model.compute_dtype=bfloat16`` ran it before (every weight cast anew
@@ -32,7 +34,7 @@ from steer.rollout import decode  # noqa: E402
 
 SIZES = {"small": (96, 2), "large": (192, 4)}  # hidden, layers (4 heads): bench_vs_trl.py's sizes
 PROMPTS, SAMPLES, PROMPT_TOKENS, NEW_TOKENS = 8, 8, 24, 48
-MODES = ("bf16_autocast", "no_grad", "today")
+MODES = ("bf16_autocast", "no_grad", "today", "today_bf16")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
 
         def loop(mode: str):
-            if mode == "today":
+            if mode.startswith("today"):
                 return decode.sample(policy, prompt_ids, prompt_mask, args.new_tokens, tokenizer.eos_token_id,
-                                     tokenizer.pad_token_id, group=SAMPLES)
+                                     tokenizer.pad_token_id, group=SAMPLES,
+                                     dtype=torch.bfloat16 if mode == "today_bf16" else None)
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16_autocast"):
                 steps = decode.functional_steps(policy, prompt_ids, prompt_mask, args.new_tokens, SAMPLES)
                 return decode._draw(steps, rows, prompt_ids.device, args.new_tokens, tokenizer.eos_token_id,

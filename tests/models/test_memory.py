@@ -21,6 +21,7 @@ from steer.models.memory import (
     Layout,
     architecture_for,
     check_memory,
+    decoder_weight_bytes,
     estimate,
     kv_cache_bytes,
     layout_from_config,
@@ -156,6 +157,37 @@ def test_kv_cache_matches_the_buffers_the_decoder_allocates():
                     samples_per_prompt=2, micro_batch_sequences=batch)
     line = next(line for line in estimate(arch, layout).lines if line.name == "KV cache")
     assert line.bytes == allocated
+
+
+@pytest.mark.parametrize("engine_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["qwen2", "llama_biases"])
+def test_the_decoders_joined_weights_are_the_bytes_it_copies(engine_dtype, family):
+    """float32 decoding copies only the joined q/k/v and gate/up (o, down and the head are the
+    parameters themselves); bf16 decoding casts every projection and the head. Qwen2: q/k/v biases;
+    the Llama: biases on every projection."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from steer.rollout.decode import FunctionalDecoder
+
+    if family == "qwen2":
+        config = tiny_qwen2_config(tied=True)
+    else:
+        config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    arch = Architecture.from_hf_config(config)
+    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    decoder = FunctionalDecoder(model, torch.ones(2, 3, dtype=torch.bool), 8, dtype=engine_dtype)
+    copies = {}
+    for block in decoder.blocks:
+        for tensor in block:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in params:
+                copies[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
+    for tensor in (decoder.head_weight, decoder.head_bias):
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in params:
+            copies[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
+    element = torch.tensor([], dtype=engine_dtype).element_size()
+    assert decoder_weight_bytes(arch, 4, element)[0] == sum(copies.values()) > 0
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -140,6 +140,34 @@ def test_a_prefill_shared_by_each_prompts_samples_changes_nothing(num_kv_heads):
 
 
 @pytest.mark.parametrize("functional", [True, False])
+def test_bf16_decoding_tracks_the_float32_forward_within_bf16_round_off(functional):
+    """dtype=bfloat16 (rollout.engine.dtype): the functional decoder holds its joined projections
+    and the head in bf16 (the other loop runs under bf16 autocast); the sampler's log-probs stay
+    within bf16 round-off of the teacher-forced float32 forward of the drawn tokens, and are not
+    the float32 ones (the arithmetic did change)."""
+    from steer.rollout.decode import FunctionalDecoder
+
+    policy, prompt_ids, prompt_mask = two_prompts_four_times()
+    draws = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(5)
+        draws[dtype] = sample(policy, prompt_ids, prompt_mask, 16, 1, 0, functional=functional, dtype=dtype)
+    response_ids, logprobs = draws[torch.bfloat16]
+    reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 1.0, 1.0)
+    mask, _ = response_mask_from_ids(response_ids, 1)
+    gap = (logprobs - reference)[mask].abs()
+    assert mask.sum() > 40 and 1e-4 < gap.max() < 5e-2, gap.max()
+    # The same seed draws nearly the same tokens: the Gumbel noise is shared, the logits differ by round-off.
+    assert (draws[torch.float32][0] == response_ids).float().mean() > 0.9
+    if functional:
+        decoder = FunctionalDecoder(policy, prompt_mask, prompt_ids.shape[1] + 2, dtype=torch.bfloat16)
+        assert {t.dtype for block in decoder.blocks for t in block if isinstance(t, torch.Tensor)} == {torch.bfloat16}
+        assert decoder.keys[0].dtype == torch.float32  # the buffers stay in the parameters' dtype
+    with pytest.raises(ValueError, match="rollout.engine.dtype='bf16'"):
+        HFRolloutEngine(policy, 0, 1, dtype="bf16")
+
+
+@pytest.mark.parametrize("functional", [True, False])
 def test_the_first_token_follows_the_exact_filtered_softmax(functional):
     """Chi-square of 4,000 first tokens against the teacher-forced distribution after T and top-p."""
     tokenizer = build_char_tokenizer()
@@ -315,7 +343,7 @@ def test_a_training_policy_is_sampled_in_eval_mode_and_left_in_training_mode(eng
     tokenizer, _, _ = engine
     policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=1).train()
     seen = []
-    policy.model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    policy.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(module.training))
     HFRolloutEngine(policy, 0, 1).generate([[5, 6]], SamplingParams(max_new_tokens=3))
     assert seen and not any(seen) and policy.training
 

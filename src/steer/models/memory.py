@@ -47,7 +47,9 @@ What is counted, per GPU (bytes; ``P`` parameters, ``S`` ranks sharing the FSDP 
   sequences of the step) x ``(max_prompt_length + max_new_tokens)`` x ``2 (K, V) x layers x
   kv_heads x head_dim`` bytes (in the compute dtype for the model's own cache; our
   :class:`~steer.rollout.decode.FunctionalDecoder` preallocates it in the weights' dtype, so float32
-  with float32 masters), the prefill's transient (one layer at a time over the batch's prompt
+  with float32 masters), its joined projections (q/k/v and gate/up of each layer in the
+  parameters' dtype, or every projection and the head cast to ``rollout.engine.dtype``), the
+  prefill's transient (one layer at a time over the batch's prompt
   tokens; the functional decoder prefills each prompt once for its ``n`` samples), the sampler's
   ``[B, V]`` float32 buffers, and under FSDP the gathered units. ``rollout=vllm``: the engine
   takes ``gpu_memory_utilization x device memory`` while it generates (or its weights plus
@@ -727,6 +729,9 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
         if layout.fsdp:  # autocast's casts are per operator and dropped at once without gradients
             add(ROLLOUT, f"{cname} weights for compute", gathered, gathered_text)
         add(ROLLOUT, "KV cache", kv, kv_text)
+        if functional:  # its joined projections (steer.rollout.decode._JoinedLayer), in rollout.engine.dtype
+            joined, joined_text = decoder_weight_bytes(arch, p, layout.engine_dtype_bytes)
+            add(ROLLOUT, "decoder's joined weights", joined, joined_text)
         prefill_rows = B // layout.samples_per_prompt if functional and layout.samples_per_prompt > 1 else B
         per_token = inference_bytes_per_token(arch, c, layout.prompt_tokens)
         prefill = prefill_rows * layout.prompt_tokens * per_token + prefill_rows * layout.prompt_tokens**2
@@ -747,6 +752,21 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
         add(GLOBAL_PASS, "output head chunk (no grad)", head_chunk_bytes(arch, min(layout.logprob_chunk_tokens, rows * R), c),
             f"3 x {min(layout.logprob_chunk_tokens, rows * R)} x {V} x 4 B")
     return result
+
+
+def decoder_weight_bytes(arch: Architecture, param_bytes: int, engine_bytes: int) -> tuple[int, str]:
+    """What the functional decoder copies for one rollout call: in the parameters' dtype only the
+    joined projections (q/k/v and gate/up of each layer); in another dtype every layer projection
+    and the output head, cast."""
+    h, i, L = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
+    if engine_bytes == param_bytes:
+        qkv_width = arch.query_width + 2 * arch.kv_width
+        qkv = (h + 1) * qkv_width if arch.qkv_bias else h * qkv_width
+        gate_up = (h + 1) * 2 * i if arch.mlp_bias else h * 2 * i
+        return L * (qkv + gate_up) * engine_bytes, f"{L} layers x (q/k/v {_g(qkv)} + gate/up {_g(gate_up)}) x {engine_bytes} B"
+    projections = arch.layer_parameters - 2 * h  # all but the two norm gains
+    return ((L * projections + arch.vocab_size * h) * engine_bytes,
+            f"({L} layers x {_g(projections)} + head {_g(arch.vocab_size * h)}) x {engine_bytes} B")
 
 
 def _vllm_bytes(arch: Architecture, layout: Layout, device_bytes: int | None) -> int:

@@ -15,6 +15,9 @@ from omegaconf import DictConfig
 
 from steer.knobs import ConfigError
 
+ENGINE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``rollout.engine.dtype``'s values besides ``auto``."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -107,9 +110,25 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def resolve_engine_dtype(setting: str, policy: torch.nn.Module, gpu: bool) -> str:
+    """``rollout.engine.dtype``: ``auto`` is bfloat16 on a GPU that supports it (as
+    ``model.compute_dtype=auto``), else the policy's parameters' dtype; other values are kept."""
+    if setting == "auto":
+        gpu_bf16 = gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bfloat16" if gpu_bf16 else str(next(policy.parameters()).dtype).removeprefix("torch.")
+    if setting not in ENGINE_DTYPES:
+        raise ValueError(f"rollout.engine.dtype={setting!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
+    return setting
+
+
 def check_rollout_engine(cfg: DictConfig) -> None:
-    """``rollout.engine``: an engine class may say why it cannot run here (e.g. vLLM not installed)."""
-    target = (cfg.rollout.get("engine") or {}).get("_target_")
+    """``rollout.engine``: its ``dtype``; and an engine class may say why it cannot run here (e.g. vLLM
+    not installed)."""
+    engine = cfg.rollout.get("engine") or {}
+    dtype = engine.get("dtype", "auto")
+    if dtype != "auto" and dtype not in ENGINE_DTYPES:
+        raise ConfigError(f"rollout.engine.dtype={dtype!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
+    target = engine.get("_target_")
     if not target:
         return
     from hydra.utils import get_class

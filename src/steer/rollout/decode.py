@@ -5,11 +5,15 @@ work (mask construction, cache objects, output dataclasses, logits processors), 
 This loop keeps the per-token work to the model's own operators:
 
 - **Qwen2 / Llama-family decoders** (the embedded tiny policy, SmolLM2) run through
-  :class:`FunctionalDecoder`: the layers' own modules (projections, MLP, rotary embedding; norms
-  as one fused ``F.rms_norm`` in float32) applied by hand on a preallocated key/value buffer
+  :class:`FunctionalDecoder`: the layers' own weights applied by hand (norms as one fused
+  ``F.rms_norm`` in float32, the model's rotary embedding) on a preallocated key/value buffer
   ``[B, KV heads, P + R, head dim]`` per layer (``scaled_dot_product_attention`` for the prefill,
   a plain matmul pair for each single-query step), so a step allocates no cache and builds no
-  mask object. Tests check it against the model's own teacher-forced forward. When the rows are
+  mask object. Each layer's query, key and value projections are joined into one matrix product,
+  its MLP's gate and up projections into another, once per call and in the decoding dtype (a
+  bfloat16 copy makes the products of a 2.38M policy 1.8x faster on AVX-512 BF16 CPUs; the
+  residual stream, attention and key/value buffers stay in the parameters' dtype). Tests check
+  it against the model's own teacher-forced forward. When the rows are
   runs of n copies of one prompt (n samples per prompt, as every engine call makes them), the
   prefill runs once per prompt and its keys and values are copied to the n rows.
 - **Any other causal LM** (and sharded FSDP2 policies, whose parameters only the layers' own
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +87,58 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _joined(linears: list[torch.nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias, zeros where a projection has none) in ``dtype`` for projections of the
+    same input. A single projection already in ``dtype`` is used as it is (no copy)."""
+
+    def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0].to(dtype) if len(tensors) == 1 else torch.cat([t.to(dtype) for t in tensors])
+
+    weight = join([linear.weight.detach() for linear in linears])
+    if all(linear.bias is None for linear in linears):
+        return weight, None
+    return weight, join([linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+                         for linear in linears])
+
+
+class _JoinedLayer(NamedTuple):
+    """A decoder layer's projections joined for decoding: queries, keys and values in one product,
+    the MLP's gate and up projections in another."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: torch.nn.Module
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, dtype: torch.dtype) -> "_JoinedLayer":
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(*_joined([attention.q_proj, attention.k_proj, attention.v_proj], dtype),
+                   *_joined([attention.o_proj], dtype), *_joined([mlp.gate_proj, mlp.up_proj], dtype),
+                   *_joined([mlp.down_proj], dtype), mlp.act_fn)
+
+
 class FunctionalDecoder:
     """A Qwen2/Llama decoder applied by hand over preallocated key/value buffers.
 
     ``batch`` rows, room for ``max_len`` columns: one ``[B, KV heads, max_len, head dim]`` key and
     value buffer per layer. :meth:`prefill` writes the prompt (columns ``[0, P)``), :meth:`step`
     one token per call after it; both return the last position's logits ``[B, V]``.
+
+    ``dtype`` (None: the parameters'): the matrix products' arithmetic. The decoder holds the
+    layers' projections joined (:class:`_JoinedLayer`) in it, plus the output head when that is
+    another dtype than the parameters': at most one copy of the weights, for the life of the
+    decoder (one rollout call). The norms, the residual stream, attention and the key/value
+    buffers stay in the parameters' dtype; the logits come out in ``dtype``.
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_len: int,
+                 dtype: torch.dtype | None = None) -> None:
         config = model.config
         backbone = model.model
         self.layers = list(backbone.layers)
@@ -114,6 +161,10 @@ class FunctionalDecoder:
         positions = torch.arange(max_len, device=weight.device)[None]
         cos, sin = backbone.rotary_emb(weight[None, :1], positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head dim]
+        self.dtype = dtype or weight.dtype
+        self.blocks = [_JoinedLayer.of(layer, self.dtype) for layer in self.layers]
+        self.head_weight = self.head.weight.detach().to(self.dtype)
+        self.head_bias = None if self.head.bias is None else self.head.bias.detach().to(self.dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the buffer rows ``rows`` (the responses still running): finished rows stop
@@ -170,32 +221,36 @@ class FunctionalDecoder:
         to all ``group`` rows of each."""
         batch, length = tokens.shape
         end = start + length
+        heads, kv_heads, dtype = self.num_heads, self.num_kv_heads, self.dtype
         hidden = self.embed(tokens)
         cos, sin = self._rotary(positions)
-        for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, hidden)
-            q = attention.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            k = rotate(k, cos, sin)
+        for index, (layer, block) in enumerate(zip(self.layers, self.blocks)):
+            x = _rms_norm(layer.input_layernorm, hidden).to(dtype)
+            qkv = F.linear(x, block.qkv_weight, block.qkv_bias).view(batch, length, heads + 2 * kv_heads, self.head_dim)
+            qkv = qkv.transpose(1, 2)
+            qk = rotate(qkv[:, : heads + kv_heads], cos, sin)  # queries and keys rotated at once
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
             # Buffer rows as [tokens' rows, group]: one broadcast write fills each run (no repeated copy).
             self.keys[index].unflatten(0, (batch, group))[:, :, :, start:end] = k[:, None]
             self.values[index].unflatten(0, (batch, group))[:, :, :, start:end] = v[:, None]
-            out = attend(rotate(q, cos, sin), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
-        return self.head(_rms_norm(self.norm, hidden[:, -1]))
-
+            out = attend(q.to(self.keys[index].dtype), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
+            out = out.transpose(1, 2).reshape(batch, length, -1).to(dtype)
+            hidden = hidden + F.linear(out, block.o_weight, block.o_bias)
+            x = _rms_norm(layer.post_attention_layernorm, hidden).to(dtype)
+            gate, up = F.linear(x, block.gate_up_weight, block.gate_up_bias).chunk(2, dim=-1)
+            hidden = hidden + F.linear(block.act(gate) * up, block.down_weight, block.down_bias)
+        x = _rms_norm(self.norm, hidden[:, -1]).to(dtype)
+        return F.linear(x, self.head_weight, self.head_bias)
 
 def functional_steps(
-    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, group: int = 1
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, group: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yields next-token logits ``[B, V]``; after each yield, ``send`` ``(tokens, rows)``: the sampled
     tokens of the rows that go on, and those rows' indices among the current ones (None: all of them).
     ``group``: see :meth:`FunctionalDecoder.prefill`."""
     prompt_len = prompt_ids.shape[1]
-    decoder = FunctionalDecoder(model, prompt_mask, prompt_len + max_new_tokens)
+    decoder = FunctionalDecoder(model, prompt_mask, prompt_len + max_new_tokens, dtype)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     tokens, rows = yield decoder.prefill(prompt_ids, positions, group)
     position = positions[:, -1:]
@@ -250,6 +305,7 @@ def sample(
     top_p: float = 1.0,
     functional: bool | None = None,
     group: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of left-padded prompts until every row has emitted EOS (or the budget ends);
     rows that have emitted EOS leave the decoder (see :data:`COMPACT_FRACTION`): with response lengths
@@ -261,25 +317,29 @@ def sample(
     caller masks it). ``functional=None`` picks :class:`FunctionalDecoder` where it applies.
     ``group``: the rows are runs of ``group`` copies of one prompt (``B`` divisible by it); the
     functional decoder then computes each prompt's prefill once (the other loop ignores it).
+    ``dtype``: the arithmetic of the decoding (None: the parameters' dtype), see :class:`FunctionalDecoder`.
     """
     if functional is None:
         functional = supports_functional(model)
     if group < 1 or prompt_ids.shape[0] % group:
         raise ValueError(f"group={group} must be >= 1 and divide the {prompt_ids.shape[0]} rows")
     batch, device = prompt_ids.shape[0], prompt_ids.device
-    # On CPU the decoding runs in the parameters' dtype even under autocast (model.compute_dtype=
-    # bfloat16): there autocast casts every weight anew at every step (Lightning turns its cast cache
-    # off), around operators of a few dozen rows; no faster at 2.38M parameters, 1.6x slower at 0.31M
-    # (bench_sampling_modes.py). The update keeps its bf16 arithmetic.
-    cpu_autocast = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    weights_dtype = next(model.parameters()).dtype
+    dtype = dtype or weights_dtype
+    # The decoding runs in ``dtype`` whatever autocast the caller has on (Lightning's, under
+    # model.compute_dtype): the functional decoder casts its joined weights once per call; the other
+    # loop runs under autocast only when ``dtype`` is not the weights' own. (Per-step autocast casts
+    # every weight anew at every step on CPU, where Lightning turns the cast cache off: 1.6x slower
+    # at 0.31M parameters, bench_sampling_modes.py.)
+    cast = not functional and dtype != weights_dtype
     # The functional decoder runs in inference mode: no version counters or autograd bookkeeping on
     # its few-microsecond operators (-14% of a 0.31M policy's decoding, bench_sampling_modes.py).
     # Not the other loop, which also serves FSDP-sharded policies. Its results are copied out:
     # inference tensors cannot enter the update's autograd graph.
-    with (torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext(),
+    with (torch.autocast(device.type, **({"dtype": dtype} if cast else {}), enabled=cast),
           torch.inference_mode() if functional else contextlib.nullcontext()):
         if functional:
-            steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group)
+            steps = functional_steps(model, prompt_ids, prompt_mask, max_new_tokens, group, dtype)
         else:
             steps = hf_forward_steps(model, prompt_ids, prompt_mask, max_new_tokens)
         response_ids, response_logprobs = _draw(steps, batch, device, max_new_tokens, eos_token_id, pad_token_id,

@@ -49,7 +49,7 @@ from omegaconf import DictConfig
 
 from steer.distributed import configured_ranks
 from steer.knobs import ConfigError
-from steer.rollout.base import RolloutBatch, SamplingParams, left_pad
+from steer.rollout.base import ENGINE_DTYPES, RolloutBatch, SamplingParams, left_pad, resolve_engine_dtype
 from steer.rollout.weight_sync import SyncStats, weight_buckets
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ INSTALL_HINT = (
 )
 PROBE_LENGTH = 24
 """Tokens of the fixed probe sequence scored after every sync."""
-ENGINE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RolloutEngineError(RuntimeError):
@@ -363,12 +362,10 @@ class VLLMRolloutEngine:
             config.architectures = [_model_class(policy).__name__]
         config.save_pretrained(folder)
         self.weight_names = set(policy.state_dict())
-        dtype = self.dtype
-        if dtype == "auto":  # bfloat16 on a GPU that has it (as model.compute_dtype=auto), else the policy's dtype
-            gpu_bf16 = not self.on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if gpu_bf16 else str(next(policy.parameters()).dtype).removeprefix("torch.")
-        if dtype not in ENGINE_DTYPES:
-            raise RolloutEngineError(f"rollout.engine.dtype={self.dtype!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
+        try:
+            dtype = resolve_engine_dtype(self.dtype, policy, gpu=not self.on_cpu)
+        except ValueError as error:
+            raise RolloutEngineError(str(error)) from None
         self.engine_dtype = dtype
         seed = int(torch.initial_seed() % (2**31))
         if self.group is not None:  # the ranks of one engine must sample alike: the first rank's seed
