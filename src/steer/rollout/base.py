@@ -110,14 +110,19 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def check_engine_dtype(setting: str) -> None:
+    """``rollout.engine.dtype`` is ``auto`` or one of :data:`ENGINE_DTYPES` (else ValueError)."""
+    if setting != "auto" and setting not in ENGINE_DTYPES:
+        raise ValueError(f"rollout.engine.dtype={setting!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
+
+
 def resolve_engine_dtype(setting: str, policy: torch.nn.Module, gpu: bool) -> str:
     """``rollout.engine.dtype``: ``auto`` is bfloat16 on a GPU that supports it (as
     ``model.compute_dtype=auto``), else the policy's parameters' dtype; other values are kept."""
+    check_engine_dtype(setting)
     if setting == "auto":
         gpu_bf16 = gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return "bfloat16" if gpu_bf16 else str(next(policy.parameters()).dtype).removeprefix("torch.")
-    if setting not in ENGINE_DTYPES:
-        raise ValueError(f"rollout.engine.dtype={setting!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
     return setting
 
 
@@ -125,9 +130,10 @@ def check_rollout_engine(cfg: DictConfig) -> None:
     """``rollout.engine``: its ``dtype``; and an engine class may say why it cannot run here (e.g. vLLM
     not installed)."""
     engine = cfg.rollout.get("engine") or {}
-    dtype = engine.get("dtype", "auto")
-    if dtype != "auto" and dtype not in ENGINE_DTYPES:
-        raise ConfigError(f"rollout.engine.dtype={dtype!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
+    try:
+        check_engine_dtype(engine.get("dtype", "auto"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     target = engine.get("_target_")
     if not target:
         return

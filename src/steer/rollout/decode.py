@@ -164,8 +164,7 @@ class FunctionalDecoder:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head dim]
         self.dtype = dtype or weight.dtype
         self.blocks = [_JoinedLayer.of(layer, self.dtype) for layer in self.layers]
-        self.head_weight = self.head.weight.detach().to(self.dtype)
-        self.head_bias = None if self.head.bias is None else self.head.bias.detach().to(self.dtype)
+        self.head_weight, self.head_bias = _joined([self.head], self.dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the buffer rows ``rows`` (the responses still running): finished rows stop

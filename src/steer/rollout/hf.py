@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from steer.rollout.base import ENGINE_DTYPES, RolloutBatch, SamplingParams, left_pad, resolve_engine_dtype
+from steer.rollout.base import (ENGINE_DTYPES, RolloutBatch, SamplingParams, check_engine_dtype, left_pad,
+                               resolve_engine_dtype)
 from steer.rollout.decode import sample
 
 
@@ -34,8 +35,7 @@ class HFRolloutEngine:
 
     def __init__(self, policy: torch.nn.Module | None = None, pad_token_id: int = 0, eos_token_id: int = 1,
                  max_batch_sequences: int | None = None, dtype: str = "auto") -> None:
-        if dtype != "auto" and dtype not in ENGINE_DTYPES:
-            raise ValueError(f"rollout.engine.dtype={dtype!r}: choose auto, {', '.join(ENGINE_DTYPES)}")
+        check_engine_dtype(dtype)
         if max_batch_sequences is not None and (isinstance(max_batch_sequences, bool) or not isinstance(max_batch_sequences, int)
                                                 or max_batch_sequences < 1):
             raise ValueError(f"rollout.engine.max_batch_sequences must be an integer >= 1 or null (all at once), "
