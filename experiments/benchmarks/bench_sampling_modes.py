@@ -4,7 +4,8 @@ today against two earlier ways of running it:
 - ``today``: float32 arithmetic (autocast off around the loop, even under bf16 autocast) in
   ``torch.inference_mode`` (no version counters or autograd bookkeeping per operator);
 - ``today_bf16``: the same loop with ``dtype=bfloat16`` (``rollout.engine.dtype=bfloat16``): the
-  joined projections cast to bf16 once per call, the rest in float32;
+  joined projections cast to bf16 once per call, the key/value buffers held in bf16, the rest
+  (norms, residual stream, attention) in float32;
 - ``no_grad``: the same loop under ``torch.no_grad`` (as before inference mode);
 - ``bf16_autocast``: the loop under ``torch.no_grad`` inside bf16 autocast with autocast left on
   around every operator, as ``model.compute_dtype=bfloat16`` ran it before (every weight cast anew

@@ -140,7 +140,10 @@ def test_a_fixed_kv_cache_engine_splits_its_weights_over_tensor_parallel_ranks()
     assert [line.bytes for line in four.lines if line.name == "weight-sync bucket"] == [152064 * 3584 * 2]
 
 
-def test_kv_cache_matches_the_buffers_the_decoder_allocates():
+@pytest.mark.parametrize("engine_dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_matches_the_buffers_the_decoder_allocates(engine_dtype):
+    """The functional decoder holds its key/value buffers in the decoding dtype (rollout.engine.dtype),
+    float32 weights or not."""
     from transformers import AutoModelForCausalLM
 
     from steer.rollout.decode import FunctionalDecoder
@@ -149,12 +152,13 @@ def test_kv_cache_matches_the_buffers_the_decoder_allocates():
     model = AutoModelForCausalLM.from_config(config).eval()
     arch = Architecture.from_hf_config(config)
     batch, prompt, new = 6, 5, 7
-    decoder = FunctionalDecoder(model, torch.ones(batch, prompt, dtype=torch.bool), prompt + new)
+    decoder = FunctionalDecoder(model, torch.ones(batch, prompt, dtype=torch.bool), prompt + new, engine_dtype)
     allocated = sum(t.numel() * t.element_size() for t in [*decoder.keys, *decoder.values])
-    assert kv_cache_bytes(arch, batch, prompt + new, element_bytes=4) == allocated
-    # The estimate's KV line for this layout (not sharded: the functional decoder, in the weights' dtype).
+    element = torch.finfo(engine_dtype).bits // 8
+    assert kv_cache_bytes(arch, batch, prompt + new, element_bytes=element) == allocated
+    # The estimate's KV line for this layout (not sharded: the functional decoder, float32 weights).
     layout = Layout(param_bytes=4, compute_bytes=4, prompt_tokens=prompt, response_tokens=new, rank_sequences=batch,
-                    samples_per_prompt=2, micro_batch_sequences=batch)
+                    samples_per_prompt=2, micro_batch_sequences=batch, engine_dtype_bytes=element)
     line = next(line for line in estimate(arch, layout).lines if line.name == "KV cache")
     assert line.bytes == allocated
 

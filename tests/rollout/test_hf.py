@@ -141,8 +141,8 @@ def test_a_prefill_shared_by_each_prompts_samples_changes_nothing(num_kv_heads):
 
 @pytest.mark.parametrize("functional", [True, False])
 def test_bf16_decoding_tracks_the_float32_forward_within_bf16_round_off(functional):
-    """dtype=bfloat16 (rollout.engine.dtype): the functional decoder holds its joined projections
-    and the head in bf16 (the other loop runs under bf16 autocast); the sampler's log-probs stay
+    """dtype=bfloat16 (rollout.engine.dtype): the functional decoder holds its joined projections,
+    the head and its key/value buffers in bf16 (the other loop runs under bf16 autocast); the sampler's log-probs stay
     within bf16 round-off of the teacher-forced float32 forward of the drawn tokens, and are not
     the float32 ones (the arithmetic did change)."""
     from steer.rollout.decode import FunctionalDecoder
@@ -162,7 +162,10 @@ def test_bf16_decoding_tracks_the_float32_forward_within_bf16_round_off(function
     if functional:
         decoder = FunctionalDecoder(policy, prompt_mask, prompt_ids.shape[1] + 2, dtype=torch.bfloat16)
         assert {t.dtype for block in decoder.blocks for t in block if isinstance(t, torch.Tensor)} == {torch.bfloat16}
-        assert decoder.keys[0].dtype == torch.float32  # the buffers stay in the parameters' dtype
+        # The buffers are held in bf16; the residual stream stays in the parameters' float32.
+        assert {t.dtype for t in [*decoder.keys, *decoder.values]} == {torch.bfloat16}
+        logits = decoder.prefill(prompt_ids, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0))
+        assert logits.dtype == torch.bfloat16 and decoder.keys[0][:, :, : prompt_ids.shape[1]].abs().sum() > 0
     with pytest.raises(ValueError, match="rollout.engine.dtype='bf16'"):
         HFRolloutEngine(policy, 0, 1, dtype="bf16")
 

@@ -45,9 +45,9 @@ What is counted, per GPU (bytes; ``P`` parameters, ``S`` ranks sharing the FSDP 
   for plain tensors on one device) allocates one ``sqrt(v)`` temporary per shard.
 - **rollout**: ``rollout=hf``: the KV cache of ``max_batch_sequences`` (null: all the rank's
   sequences of the step) x ``(max_prompt_length + max_new_tokens)`` x ``2 (K, V) x layers x
-  kv_heads x head_dim`` bytes (in the compute dtype for the model's own cache; our
-  :class:`~steer.rollout.decode.FunctionalDecoder` preallocates it in the weights' dtype, so float32
-  with float32 masters), its joined projections (q/k/v and gate/up of each layer in the
+  kv_heads x head_dim`` bytes in ``rollout.engine.dtype`` (our
+  :class:`~steer.rollout.decode.FunctionalDecoder` preallocates it in that dtype; the model's own
+  cache holds the projections' outputs, which autocast puts in that dtype), its joined projections (q/k/v and gate/up of each layer in the
   parameters' dtype, or every projection and the head cast to ``rollout.engine.dtype``), the
   prefill's transient (one layer at a time over the batch's prompt
   tokens; the functional decoder prefills each prompt once for its ``n`` samples), the sampler's
@@ -720,7 +720,7 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
     else:
         B = layout.generation_batch
         functional = arch.model_type in FUNCTIONAL_DECODER_TYPES and not layout.fsdp
-        kv_element = p if functional else c
+        kv_element = layout.engine_dtype_bytes
         kv = kv_cache_bytes(arch, B, s, kv_element)
         kv_text = f"{B} seq x {s} tokens x 2 x {L} layers x {arch.num_key_value_heads} kv heads x {arch.head_dim} x {kv_element} B"
         if not functional:

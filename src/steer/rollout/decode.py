@@ -12,8 +12,10 @@ This loop keeps the per-token work to the model's own operators:
   mask object. Each layer's query, key and value projections are joined into one matrix product,
   its MLP's gate and up projections into another, once per call and in the decoding dtype
   (``rollout.engine.dtype``; on an AVX-512 BF16 CPU the bf16 products at a 2.38M policy's shapes
-  are 1.8x faster than float32 ones and the whole decoding ~20%; the residual stream, attention
-  and key/value buffers stay in the parameters' dtype). Tests check
+  are 1.8x faster than float32 ones and the whole decoding ~20%). The key/value buffers are held
+  in the decoding dtype too (half the bytes in bf16: the single-query attention reads every
+  buffer at every step, and that read is what bounds it on a CPU) and widened to the
+  parameters' dtype for attention; the residual stream and the norms stay in it. Tests check
   it against the model's own teacher-forced forward. When the rows are
   runs of n copies of one prompt (n samples per prompt, as every engine call makes them), the
   prefill runs once per prompt and its keys and values are copied to the n rows.
@@ -131,11 +133,12 @@ class FunctionalDecoder:
     value buffer per layer. :meth:`prefill` writes the prompt (columns ``[0, P)``), :meth:`step`
     one token per call after it; both return the last position's logits ``[B, V]``.
 
-    ``dtype`` (None: the parameters'): the matrix products' arithmetic. The decoder holds the
-    layers' projections joined (:class:`_JoinedLayer`) in it, plus the output head when that is
-    another dtype than the parameters': at most one copy of the weights, for the life of the
-    decoder (one rollout call). The norms, the residual stream, attention and the key/value
-    buffers stay in the parameters' dtype; the logits come out in ``dtype``.
+    ``dtype`` (None: the parameters'): the matrix products' arithmetic and the key/value buffers'
+    storage. The decoder holds the layers' projections joined (:class:`_JoinedLayer`) in it, plus
+    the output head when that is another dtype than the parameters': at most one copy of the
+    weights, for the life of the decoder (one rollout call). The norms, the residual stream and
+    attention (over the buffers widened to it) stay in the parameters' dtype; the logits come out
+    in ``dtype``.
     """
 
     def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_len: int,
@@ -153,8 +156,9 @@ class FunctionalDecoder:
         batch, self.prompt_len = prompt_mask.shape
         weight = self.embed.weight
         shape = (batch, self.num_kv_heads, max_len, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
+        self.dtype = dtype or weight.dtype
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=weight.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=weight.device) for _ in self.layers]
         # Additive mask over key columns: -inf on left padding, 0 elsewhere ([B, 1, 1, max_len]).
         self.column_bias = torch.zeros(batch, 1, 1, max_len, dtype=weight.dtype, device=weight.device)
         self.column_bias[:, 0, 0, : self.prompt_len].masked_fill_(~prompt_mask, float("-inf"))
@@ -162,7 +166,6 @@ class FunctionalDecoder:
         positions = torch.arange(max_len, device=weight.device)[None]
         cos, sin = backbone.rotary_emb(weight[None, :1], positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head dim]
-        self.dtype = dtype or weight.dtype
         self.blocks = [_JoinedLayer.of(layer, self.dtype) for layer in self.layers]
         self.head_weight, self.head_bias = _joined([self.head], self.dtype)
 
@@ -233,7 +236,11 @@ class FunctionalDecoder:
             # Buffer rows as [tokens' rows, group]: one broadcast write fills each run (no repeated copy).
             self.keys[index].unflatten(0, (batch, group))[:, :, :, start:end] = k[:, None]
             self.values[index].unflatten(0, (batch, group))[:, :, :, start:end] = v[:, None]
-            out = attend(q.to(self.keys[index].dtype), self.keys[index][::group, :, :end], self.values[index][::group, :, :end])
+            # Attention in the residual stream's dtype over the buffers widened to it: reading bf16
+            # buffers and widening them costs less than reading float32 ones (-15% of a 2.38M
+            # policy's bf16 decoding on 2 CPU cores, bench_sampling_modes.py).
+            wide = hidden.dtype
+            out = attend(q.to(wide), self.keys[index][::group, :, :end].to(wide), self.values[index][::group, :, :end].to(wide))
             out = out.transpose(1, 2).reshape(batch, length, -1).to(dtype)
             hidden = hidden + F.linear(out, block.o_weight, block.o_bias)
             x = _rms_norm(layer.post_attention_layernorm, hidden).to(dtype)
