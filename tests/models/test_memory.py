@@ -165,12 +165,15 @@ def test_kv_cache_matches_the_buffers_the_decoder_allocates(engine_dtype):
 
 @pytest.mark.parametrize("engine_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["qwen2", "llama_biases"])
-def test_the_decoders_joined_weights_are_the_bytes_it_copies(engine_dtype, family):
-    """float32 decoding copies only the joined q/k/v and gate/up (o, down and the head are the
-    parameters themselves); bf16 decoding casts every projection and the head. Qwen2: q/k/v biases;
-    the Llama: biases on every projection."""
+def test_the_decoders_joined_weights_are_the_bytes_it_copies(engine_dtype, family, monkeypatch):
+    """float32 decoding copies the joined q/k/v and gate/up (o, down and the head are the parameters
+    themselves unless prepacked); bf16 decoding casts every projection and the head. On a CPU the
+    weights of at least PREPACK_MIN_WEIGHTS elements are prepacked for oneDNN (a copy each); the
+    threshold is lowered here so that some of the tiny model's weights are and some are not.
+    Qwen2: q/k/v biases; the Llama: biases on every projection."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from steer.rollout import decode
     from steer.rollout.decode import FunctionalDecoder
 
     if family == "qwen2":
@@ -180,18 +183,21 @@ def test_the_decoders_joined_weights_are_the_bytes_it_copies(engine_dtype, famil
                              num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(config).eval()
     arch = Architecture.from_hf_config(config)
-    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    decoder = FunctionalDecoder(model, torch.ones(2, 3, dtype=torch.bool), 8, dtype=engine_dtype)
-    copies = {}
-    for block in decoder.blocks:
-        for tensor in block:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in params:
-                copies[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
-    for tensor in (decoder.head_weight, decoder.head_bias):
-        if tensor is not None and tensor.untyped_storage().data_ptr() not in params:
-            copies[tensor.untyped_storage().data_ptr()] = tensor.numel() * tensor.element_size()
     element = torch.tensor([], dtype=engine_dtype).element_size()
-    assert decoder_weight_bytes(arch, 4, element)[0] == sum(copies.values()) > 0
+    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    for threshold in (10**12, config.hidden_size**2):  # nothing prepacked; q/k/v, gate/up, down (and o) prepacked
+        monkeypatch.setattr(decode, "PREPACK_MIN_WEIGHTS", threshold)
+        decoder = FunctionalDecoder(model, torch.ones(2, 3, dtype=torch.bool), 8, dtype=engine_dtype)
+        projections = [projection for block in decoder.blocks for projection in block[:4]] + [decoder.head_projection]
+        packed = sum(projection.packed is not None for projection in projections)
+        assert packed == (0 if threshold > 10**6 else 4 * config.num_hidden_layers + (config.vocab_size * config.hidden_size >= threshold))
+        copies = {}
+        for tensor in (t for projection in projections for t in projection.tensors()):
+            key = id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+            if tensor.is_mkldnn or key not in params:
+                copies[key] = tensor.numel() * tensor.element_size()
+        estimated = decoder_weight_bytes(arch, 4, element, prepacked=threshold < 10**6)[0]
+        assert estimated == sum(copies.values()) > 0, (threshold, estimated, sum(copies.values()))
 
 
 class LiveTensorBytes(TorchDispatchMode):

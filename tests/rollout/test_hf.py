@@ -161,7 +161,8 @@ def test_bf16_decoding_tracks_the_float32_forward_within_bf16_round_off(function
     assert (draws[torch.float32][0] == response_ids).float().mean() > 0.9
     if functional:
         decoder = FunctionalDecoder(policy, prompt_mask, prompt_ids.shape[1] + 2, dtype=torch.bfloat16)
-        assert {t.dtype for block in decoder.blocks for t in block if isinstance(t, torch.Tensor)} == {torch.bfloat16}
+        projections = [projection for block in decoder.blocks for projection in block[:4]] + [decoder.head_projection]
+        assert {t.dtype for projection in projections for t in projection.tensors()} == {torch.bfloat16}
         # The buffers are held in bf16; the residual stream stays in the parameters' float32.
         assert {t.dtype for t in [*decoder.keys, *decoder.values]} == {torch.bfloat16}
         logits = decoder.prefill(prompt_ids, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0))
@@ -422,3 +423,43 @@ def test_finished_rows_leave_the_decoder_and_the_running_rows_are_unchanged(func
     reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 0.9, 1.0)
     torch.testing.assert_close(logprobs[mask], reference[mask], atol=2e-5, rtol=0)
     assert torch.all(response_ids[~mask] == tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_projections_decode_as_the_plain_ones(family, dtype, monkeypatch):
+    """On a CPU the decoder prepacks weights of at least PREPACK_MIN_WEIGHTS elements for oneDNN; the
+    tiny policies' weights are all below it, so the threshold is lowered to pack every projection
+    and the head. float32: the sampler's log-probs still equal the teacher-forced forward at 2e-5;
+    both dtypes: the same tokens and log-probs as the decoder with nothing packed."""
+    from steer.rollout import decode
+
+    if family == "qwen2":  # biases on q/k/v
+        tokenizer = build_char_tokenizer()
+        policy = build_tiny_policy(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2).eval()
+        with torch.no_grad():  # initialised to zeros: make them count
+            for name, parameter in policy.named_parameters():
+                if name.endswith("bias"):
+                    parameter.normal_(0, 0.5)
+        prompt_ids, prompt_mask = left_pad([tokenizer(t).input_ids for t in ("Q: 3+4\nA: ", "A: ") for _ in range(3)], 0)
+    else:
+        policy = tiny_llama()
+        prompt_ids, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]], 0)
+    draws = {}
+    for threshold in (10**12, 0):
+        monkeypatch.setattr(decode, "PREPACK_MIN_WEIGHTS", threshold)
+        torch.manual_seed(4)
+        draws[threshold] = sample(policy, prompt_ids, prompt_mask, 10, 1, 0, temperature=0.9, top_p=0.8, dtype=dtype)
+    if not decode.prepacks(torch.zeros(1, dtype=dtype)):  # the threshold is 0 now
+        pytest.skip(f"this torch build or CPU has no oneDNN {dtype} prepacked linear")
+    decoder = decode.FunctionalDecoder(policy, prompt_mask, prompt_ids.shape[1] + 2, dtype=dtype)
+    projections = [projection for block in decoder.blocks for projection in block[:4]] + [decoder.head_projection]
+    assert all(projection.packed is not None and projection.weight is None for projection in projections)
+    response_ids, logprobs = draws[0]
+    assert torch.equal(response_ids, draws[10**12][0])
+    mask, _ = response_mask_from_ids(response_ids, 1)
+    assert mask.sum() > 15
+    torch.testing.assert_close(logprobs[mask], draws[10**12][1][mask], atol=2e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    if dtype == torch.float32:
+        reference = teacher_forced_sampler_logprobs(policy, prompt_ids, prompt_mask, response_ids, 0.9, 0.8)
+        torch.testing.assert_close(logprobs[mask], reference[mask], atol=2e-5, rtol=0)

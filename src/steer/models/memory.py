@@ -48,7 +48,8 @@ What is counted, per GPU (bytes; ``P`` parameters, ``S`` ranks sharing the FSDP 
   kv_heads x head_dim`` bytes in ``rollout.engine.dtype`` (our
   :class:`~steer.rollout.decode.FunctionalDecoder` preallocates it in that dtype; the model's own
   cache holds the projections' outputs, which autocast puts in that dtype), its joined projections (q/k/v and gate/up of each layer in the
-  parameters' dtype, or every projection and the head cast to ``rollout.engine.dtype``), the
+  parameters' dtype, or every projection and the head cast to ``rollout.engine.dtype``; on a CPU
+  also a oneDNN-prepacked copy of each weight of at least ``PREPACK_MIN_WEIGHTS`` elements), the
   prefill's transient (one layer at a time over the batch's prompt
   tokens; the functional decoder prefills each prompt once for its ``n`` samples), the sampler's
   ``[B, V]`` float32 buffers, and under FSDP the gathered units. ``rollout=vllm``: the engine
@@ -338,6 +339,8 @@ class Layout:
     kv_cache_memory_bytes: int | None = None
     """``rollout=vllm``: a fixed KV cache instead of ``gpu_memory_utilization``."""
     engine_dtype_bytes: int = 2
+    cpu: bool = False
+    """The run is on CPUs: the functional decoder prepacks its larger weights for oneDNN (a copy each)."""
     engine_tensor_parallel: int = 1
     """``rollout=vllm``: GPUs that share one engine (its weights are split over them)."""
     sync_bucket_bytes: int = 2**30
@@ -467,6 +470,7 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
         # auto: bfloat16 on a GPU, else the policy's dtype (steer.rollout.vllm)
         engine_dtype_bytes=(2 if gpu else param_bytes) if engine_dtype == "auto" else DTYPE_BYTES.get(engine_dtype, param_bytes),
         engine_tensor_parallel=int(_knob(cfg, "rollout.engine.tensor_parallel_size", 1) or 1),
+        cpu=not gpu,
         sync_bucket_bytes=int(_knob(cfg, "rollout.engine.sync_bucket_bytes", 2**30) or 2**30),
         sleep_level=int(_knob(cfg, "rollout.engine.sleep_level", 0)),
         reference_model=float(_knob(cfg, "algorithm.kl.coef", 0.0)) > 0,
@@ -730,7 +734,7 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
             add(ROLLOUT, f"{cname} weights for compute", gathered, gathered_text)
         add(ROLLOUT, "KV cache", kv, kv_text)
         if functional:  # its joined projections (steer.rollout.decode._JoinedLayer), in rollout.engine.dtype
-            joined, joined_text = decoder_weight_bytes(arch, p, layout.engine_dtype_bytes)
+            joined, joined_text = decoder_weight_bytes(arch, p, layout.engine_dtype_bytes, prepacked=layout.cpu)
             add(ROLLOUT, "decoder's joined weights", joined, joined_text)
         prefill_rows = B // layout.samples_per_prompt if functional and layout.samples_per_prompt > 1 else B
         per_token = inference_bytes_per_token(arch, c, layout.prompt_tokens)
@@ -754,19 +758,31 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
     return result
 
 
-def decoder_weight_bytes(arch: Architecture, param_bytes: int, engine_bytes: int) -> tuple[int, str]:
-    """What the functional decoder copies for one rollout call: in the parameters' dtype only the
-    joined projections (q/k/v and gate/up of each layer); in another dtype every layer projection
-    and the output head, cast."""
+def decoder_weight_bytes(arch: Architecture, param_bytes: int, engine_bytes: int, prepacked: bool = False) -> tuple[int, str]:
+    """What the functional decoder copies for one rollout call (:class:`steer.rollout.decode._Projection`):
+    the joined projections (q/k/v and gate/up of each layer) always; o, down and the output head
+    when they are cast to another dtype, or, with ``prepacked`` (on a CPU), handed to oneDNN
+    prepacked (weights of at least ``PREPACK_MIN_WEIGHTS`` elements; a packed weight replaces the
+    joined copy, its bias stays the parameter unless joined or cast)."""
+    from steer.rollout.decode import PREPACK_MIN_WEIGHTS
+
     h, i, L = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
-    if engine_bytes == param_bytes:
-        qkv_width = arch.query_width + 2 * arch.kv_width
-        qkv = (h + 1) * qkv_width if arch.qkv_bias else h * qkv_width
-        gate_up = (h + 1) * 2 * i if arch.mlp_bias else h * 2 * i
-        return L * (qkv + gate_up) * engine_bytes, f"{L} layers x (q/k/v {_g(qkv)} + gate/up {_g(gate_up)}) x {engine_bytes} B"
-    projections = arch.layer_parameters - 2 * h  # all but the two norm gains
-    return ((L * projections + arch.vocab_size * h) * engine_bytes,
-            f"({L} layers x {_g(projections)} + head {_g(arch.vocab_size * h)}) x {engine_bytes} B")
+    cast = engine_bytes != param_bytes
+    # (weight elements, bias elements, joined from several projections): per layer, then the head
+    layer = [(h * (arch.query_width + 2 * arch.kv_width), (arch.query_width + 2 * arch.kv_width) * arch.qkv_bias, True),
+             (arch.query_width * h, h * arch.output_bias, False),
+             (2 * h * i, 2 * i * arch.mlp_bias, True),
+             (i * h, h * arch.mlp_bias, False)]
+
+    def copied(weight: int, bias: int, joined: bool) -> int:
+        packed = prepacked and weight >= PREPACK_MIN_WEIGHTS
+        return (weight if joined or cast or packed else 0) + (bias if joined or cast else 0)
+
+    per_layer = sum(copied(*projection) for projection in layer)
+    head = copied(arch.vocab_size * h, 0, False)
+    return ((L * per_layer + head) * engine_bytes,
+            f"({L} layers x {_g(per_layer)} + head {_g(head)}) x {engine_bytes} B"
+            + (" (prepacked for oneDNN on a CPU)" if prepacked else ""))
 
 
 def _vllm_bytes(arch: Architecture, layout: Layout, device_bytes: int | None) -> int:
