@@ -86,6 +86,10 @@ CASES = {
     "seed_negative": (["seed=-1"], r"seed=-1 is not valid; allowed: an integer >= 0 and <= 4294967295"),
     "temperature_negative": (["rollout.temperature=-1"], r"rollout\.temperature=-1.0 is not valid; allowed: a finite number > 0"),
     "temperature_nan": (["rollout.temperature=nan"], r"rollout\.temperature=nan"),
+    "compile_not_bool": (["model.compile=yes"], r"model\.compile='yes' is not valid; choose one of"),
+    "compile_without_layout": (["model.compile=true", "algorithm.pack_sequences=true"],
+                               r"model\.compile=true compiles the layers that algorithm\.pack_sequences=true and "
+                               r"algorithm\.share_prompt_prefix=true apply by hand"),
     "engine_dtype": (["rollout.engine.dtype=bf16"], r"rollout\.engine\.dtype='bf16': choose auto, float32, bfloat16, float16"),
     "eval_every_0": (["eval.every_n_steps=0"], r"eval\.every_n_steps=0 is not valid; allowed: an integer >= 1"),
     "eval_temperature": (["eval.benchmarks.arithmetic.temperature=0"], r"eval\.benchmarks\.arithmetic\.temperature=0"),
@@ -347,3 +351,14 @@ def test_cli_start_up_error_in_a_multirun_leaves_no_sweep_folder(tmp_path):
     result = _run_cli(["-m", *TINY_RUN, "seed=-1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert "seed=-1" in _one_line_error(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused(tmp_path, nothing_built, monkeypatch):
+    import steer.models.loader as loader
+
+    monkeypatch.setattr(loader.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = compose(_with_tiny_run(["model.compile=true", "algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true",
+                                  "trainer.accelerator=cpu"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.compile=true on a CPU needs a C\+\+ compiler"):
+        train(cfg)

@@ -165,7 +165,8 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
 
     engine = instantiate(rollout.engine, policy=policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     sampling = SamplingParams(rollout.temperature, rollout.top_p, rollout.max_new_tokens, n=algorithm.n)
-    return RLVRModule(policy, tokenizer, engine, reward, algorithm, sampling, interventions), warmup_info
+    return RLVRModule(policy, tokenizer, engine, reward, algorithm, sampling, interventions,
+                      compile_layers=bool(cfg.model.get("compile", False))), warmup_info
 
 
 def build_evaluation(cfg: DictConfig) -> EvaluationCallback:

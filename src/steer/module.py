@@ -67,6 +67,7 @@ class RLVRModule(L.LightningModule):
         algorithm: AlgorithmConfig,
         sampling: SamplingParams,
         interventions: Sequence[Intervention] = (),
+        compile_layers: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -76,6 +77,8 @@ class RLVRModule(L.LightningModule):
         self.reward = reward
         self.algorithm = algorithm
         self.sampling = sampling
+        self.compile_layers = compile_layers
+        """``model.compile``: the hand-applied layers of the packed + shared forwards through ``torch.compile``."""
         self.clip = ClipConfig(algorithm.clip.low, algorithm.clip.high, algorithm.clip.dual)
         # The configured interventions, then the KL penalty and the rollout correction when they are on.
         self.interventions = assemble_interventions(interventions, algorithm)
@@ -429,6 +432,7 @@ class RLVRModule(L.LightningModule):
             chunk_tokens=self.algorithm.logprob_chunk_tokens,
             share_prompts=self.algorithm.share_prompt_prefix if share_prompts is None else share_prompts,
             pack=self.algorithm.pack_sequences if pack is None else pack,
+            compiled=self.compile_layers,
         )
 
     @property
@@ -502,8 +506,8 @@ class RLVRModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns modules in eval mode
         if self.algorithm.pack_sequences and self.algorithm.share_prompt_prefix and not supports_functional(self.policy):
             log.warning("algorithm.pack_sequences and algorithm.share_prompt_prefix together need a Qwen2/Llama-family "
-                        "policy that is not sharded by FSDP (%s here): the forwards pack without sharing prompts",
-                        type(self.policy).__name__)
+                        "policy that is not sharded by FSDP (%s here): the forwards pack without sharing prompts%s",
+                        type(self.policy).__name__, " (and model.compile has nothing to compile)" if self.compile_layers else "")
         if self.global_rank > 0:
             # Every rank was seeded alike: without this each would sample its prompts with the same
             # random numbers. Rank 0 keeps the seed (one process is unchanged); interventions that

@@ -7,6 +7,8 @@ the projections and MLPs, with the log-probs, entropies, loss and gradients of o
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -173,3 +175,26 @@ def test_models_it_cannot_apply_fall_back_to_packing(tokenizer, monkeypatch):
     assert_same(run(policy, ids, mask, response_mask, pack=True, share_prompts=True), run(policy, ids, mask, response_mask),
                 response_mask)
     assert packed == [1]
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="torch.compile's CPU kernels need a C++ compiler")
+def test_compiled_layers_give_the_padded_values_and_gradients(tokenizer):
+    """``model.compile``: the layers' arithmetic around attention through torch.compile (dynamic
+    shapes) gives the padded path's values and gradients to float32 round-off, also for a batch of
+    other widths (the cut rows) without a new graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    policy = build_tiny_policy(tokenizer, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    policy.config._attn_implementation = "eager"
+    packed_shared.compiled_layer_pieces.cache_clear()
+    for rows in (slice(0, 9), slice(2, 7)):
+        ids, mask, response_mask = (t[rows] for t in batch(tokenizer))
+        padded = run(policy, ids, mask, response_mask)
+        compiled = run(policy, ids, mask, response_mask, pack=True, share_prompts=True, compiled=True)
+        assert_same(compiled, padded, response_mask)
+        if rows.start == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 2  # the two pieces (forward graphs; their backward is compiled with them)
+    assert packed_shared.compiled_layer_pieces.cache_info().currsize == 1
+    assert counters["stats"]["unique_graphs"] == graphs  # the other widths reused the dynamic graphs

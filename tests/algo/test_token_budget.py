@@ -11,6 +11,7 @@ order: measured <= 3e-7 of each gradient's largest entry; 1e-5 allowed). Rollout
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,6 +123,24 @@ def test_less_padding_gives_the_padded_update(tmp_path, monkeypatch, aggregation
     torch.testing.assert_close(budget_grad, padded_grad, rtol=0, atol=1e-5 * float(padded_grad.abs().max()))
     for key in ("actor/policy_loss", "actor/pg_loss", "actor/entropy", "reward/mean"):
         assert budget[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="torch.compile's CPU kernels need a C++ compiler")
+def test_the_compiled_packed_shared_update_gives_the_padded_update(tmp_path, monkeypatch):
+    """``model.compile=true`` end to end (the module passes it to every packed + shared forward):
+    the same gradient and metrics as the padded update, and the compiled layer pieces ran."""
+    import steer.algo.packed_shared as packed_shared
+
+    overrides = [*ONE_STEP, "algorithm.grad_clip=0"]
+    padded, padded_grad, _ = _train(tmp_path / "padded", monkeypatch, overrides)
+    packed_shared.compiled_layer_pieces.cache_clear()
+    compiled, compiled_grad, _ = _train(tmp_path / "compiled", monkeypatch, [
+        *overrides, "algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true", "model.compile=true"])
+    assert packed_shared.compiled_layer_pieces.cache_info().misses == 1
+    assert padded_grad.abs().max() > 0
+    torch.testing.assert_close(compiled_grad, padded_grad, rtol=0, atol=1e-5 * float(padded_grad.abs().max()))
+    for key in ("actor/policy_loss", "actor/pg_loss", "actor/entropy", "reward/mean"):
+        assert compiled[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-7), key
 
 
 def test_a_global_selection_follows_the_sorted_rows(tmp_path, monkeypatch):

@@ -124,6 +124,7 @@ def response_logprobs_and_entropy(
     chunk_tokens: int = 4096,
     share_prompts: bool = False,
     pack: bool = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the response tokens of ``[prompt | response]`` sequences.
 
@@ -140,6 +141,8 @@ def response_logprobs_and_entropy(
             too, both (:mod:`steer.algo.packed_shared`) where the model's layers can be applied by
             hand (Qwen2/Llama families, not FSDP-sharded) and two adjacent rows share a prompt;
             otherwise packing alone.
+        compiled: with both, the hand-applied layers' arithmetic around attention through
+            ``torch.compile`` (``model.compile``; :mod:`steer.algo.packed_shared`). Elsewhere ignored.
 
     Returns:
         ``(logprob, entropy)``, each ``[B, R]`` float32 (padding positions hold garbage; mask them).
@@ -147,7 +150,7 @@ def response_logprobs_and_entropy(
     if pack and share_prompts and supports_functional(model):
         groups = prompt_groups(input_ids, attention_mask, response_length)
         if groups is not None:
-            hidden, response_mask = packed_shared_hidden(model, input_ids, attention_mask, response_length, *groups)
+            hidden, response_mask = packed_shared_hidden(model, input_ids, attention_mask, response_length, *groups, compiled)
             return _scatter_head(model, hidden, input_ids[:, -response_length:], response_mask, temperature, chunk_tokens)
     if pack:
         return packed_logprobs_and_entropy(model, input_ids, attention_mask, response_length, temperature=temperature,

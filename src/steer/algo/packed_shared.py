@@ -23,9 +23,17 @@ else ``scaled_dot_product_attention``), so the values equal the unshared padded 
 float round-off; ``tests/algo/test_packed_shared.py`` compares log-probs, entropies and every
 gradient. With gradient checkpointing on, each layer is recomputed in the backward, as the model's
 own layers would be.
+
+``compiled=True`` (``model.compile``) runs each layer's arithmetic around attention (the norms,
+projections, rotary embedding, MLP and residual adds: :func:`before_attention` and
+:func:`after_attention`) through ``torch.compile`` with dynamic shapes, which fuses the
+elementwise work into the products' neighbours; attention stays eager (its padded blocks change
+from step to step).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +76,15 @@ def packed_shared_hidden(
     response_length: int,
     first: torch.Tensor,
     group: torch.Tensor,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The final hidden states that predict the real response tokens, ``[tokens, D]`` in row-major
     order of ``attention_mask[:, -response_length:]``, and that mask.
 
     ``input_ids``/``attention_mask``: ``[B, P + R]`` left-padded prompts then right-padded responses;
     ``first``: the first row of each run of rows that share a prompt; ``group``: each row's run
-    (see :func:`steer.algo.logprobs.prompt_groups`).
+    (see :func:`steer.algo.logprobs.prompt_groups`). ``compiled``: the layers' arithmetic around
+    attention through ``torch.compile`` (see the module's docstring).
     """
     device = input_ids.device
     backbone = model.model
@@ -111,7 +121,7 @@ def packed_shared_hidden(
 
     hidden = backbone.embed_tokens(tokens)[None]  # [1, N, D], as the model's forward sees its embeddings
     cos, sin = backbone.rotary_emb(hidden, positions[None])
-    layout = _Layout(model.config, blocks, cos[0], sin[0])
+    layout = _Layout(model.config, blocks, cos[0], sin[0], compiled)
     # Hugging Face's checkpointed layers mark themselves (``gradient_checkpointing``) and recompute
     # only while training: so do these.
     recompute = model.training and torch.is_grad_enabled() and any(
@@ -130,6 +140,33 @@ def packed_shared_hidden(
     predictors = torch.cat([last_prompt[:, None], first_input[:, None] + columns], dim=1)  # [B, longest response]
     chosen = predictors[response_mask[:, : predictors.shape[1]]]  # the mask is False beyond every response's end
     return backbone.norm(hidden.index_select(0, chosen)), response_mask
+
+
+def before_attention(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to attention over flat ``[N, D]`` tokens: its input norm, then the
+    queries ``[N, heads, head dim]`` and keys (rotated by ``cos``/``sin``) and values ``[N, KV heads, head dim]``."""
+    attention = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    q = attention.q_proj(x).view(len(x), heads, head_dim)
+    k = attention.k_proj(x).view(len(x), kv_heads, head_dim)
+    v = attention.v_proj(x).view(len(x), kv_heads, head_dim)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def after_attention(layer: torch.nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer: the output projection of ``attended`` ``[N, heads, head dim]`` added to
+    ``hidden``, then the MLP's residual branch."""
+    hidden = hidden + layer.self_attn.o_proj(attended.reshape(len(hidden), -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@functools.cache
+def compiled_layer_pieces():
+    """:func:`before_attention` and :func:`after_attention` through ``torch.compile`` (dynamic
+    shapes: the token count changes every step), once per process; every layer of the same
+    structure shares their graphs."""
+    return torch.compile(before_attention, dynamic=True), torch.compile(after_attention, dynamic=True)
 
 
 class _Block:
@@ -165,7 +202,8 @@ class _Layout:
     """A decoder layer over the flat tokens: projections and MLP on all of them at once, attention
     block by block; holds the blocks and the rotary tables."""
 
-    def __init__(self, config, blocks: list[_Block], cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def __init__(self, config, blocks: list[_Block], cos: torch.Tensor, sin: torch.Tensor, compiled: bool = False) -> None:
+        self.before, self.after = compiled_layer_pieces() if compiled else (before_attention, after_attention)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -175,14 +213,9 @@ class _Layout:
 
     def layer(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         attention = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = attention.q_proj(x).view(len(x), self.heads, self.head_dim)
-        k = attention.k_proj(x).view(len(x), self.kv_heads, self.head_dim)
-        v = attention.v_proj(x).view(len(x), self.kv_heads, self.head_dim)
-        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
+        q, k, v = self.before(layer, hidden, self.cos, self.sin, self.heads, self.kv_heads, self.head_dim)
         out = self.attend(q, k, v, attention.scaling, attention.attention_dropout if attention.training else 0.0)
-        hidden = hidden + attention.o_proj(out.reshape(len(x), -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.after(layer, hidden, out)
 
     def attend(self, q, k, v, scale, dropout) -> torch.Tensor:
         """``[N, heads, D]`` queries, ``[N, KV heads, D]`` keys and values -> ``[N, heads, D]``."""

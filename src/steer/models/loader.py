@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -262,6 +263,25 @@ FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash
 """The package each flash-attention kernel needs (both run on CUDA GPUs only)."""
 
 
+def check_compile(cfg: DictConfig) -> None:
+    """``model.compile``: a boolean; when on, the layout it compiles (packing and prompt sharing at
+    once, not FSDP) and, without a GPU, a C++ compiler for Inductor's CPU kernels."""
+    compile_layers = select(cfg, "model.compile", False)
+    one_of("model.compile", compile_layers, {True, False})
+    if not compile_layers:
+        return
+    if not (select(cfg, "algorithm.pack_sequences", False) and select(cfg, "algorithm.share_prompt_prefix", False)):
+        raise ConfigError("model.compile=true compiles the layers that algorithm.pack_sequences=true and "
+                          "algorithm.share_prompt_prefix=true apply by hand; set both, or model.compile=false")
+    if "FullyShardedStrategy" in str(select(cfg, "trainer.strategy._target_", "") or ""):
+        raise ConfigError("model.compile=true does not apply under FSDP (its layers run their own forward); "
+                          "set model.compile=false")
+    gpu = may_use_gpu(select(cfg, "trainer.accelerator", "auto")) and torch.cuda.is_available()
+    if not gpu and not any(shutil.which(name) for name in (os.environ.get("CXX") or "g++", "g++", "clang++")):
+        raise ConfigError("model.compile=true on a CPU needs a C++ compiler for torch.compile's kernels (g++ or "
+                          "clang++ on PATH, or CXX); install one (e.g. apt-get install g++) or set model.compile=false")
+
+
 def check_model(cfg: DictConfig) -> None:
     """``model.*``: the dtype, a local folder or installed package that exists, the tiny model's heads and warm-up task."""
     dtype = select(cfg, "model.dtype")
@@ -283,6 +303,7 @@ def check_model(cfg: DictConfig) -> None:
         if not (installed and gpu):
             raise ConfigError(f"model.attn_implementation={attention} needs a CUDA GPU and the {package!r} package "
                               f"(installed: {installed}, GPU: {gpu}); allowed here: null, eager, sdpa")
+    check_compile(cfg)
     cache_dir = select(cfg, "model.cache_dir")
     if cache_dir:
         writable_folder("model.cache_dir", cache_dir)  # the warm-up and GGUF copies are written there
