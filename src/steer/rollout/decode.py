@@ -119,6 +119,8 @@ def prepacks(weight: torch.Tensor) -> bool:
     """Whether :class:`_Projection` hands ``weight`` to oneDNN prepacked (see :data:`PREPACK_MIN_WEIGHTS`)."""
     if weight.device.type != "cpu" or weight.numel() < PREPACK_MIN_WEIGHTS or not torch.backends.mkldnn.is_available():
         return False
+    if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
+        return False  # private operators: a torch build without them decodes with F.linear
     if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return weight.dtype == torch.float32
