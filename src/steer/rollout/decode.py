@@ -173,8 +173,9 @@ class FunctionalDecoder:
 
     ``dtype`` (None: the parameters'): the matrix products' arithmetic and the key/value buffers'
     storage. The decoder holds the layers' projections joined (:class:`_JoinedLayer`) in it, plus
-    the output head when that is another dtype than the parameters': at most one copy of the
-    weights, for the life of the decoder (one rollout call). The norms, the residual stream and
+    the output head when that is another dtype than the parameters', and on a CPU a prepacked copy
+    of each larger weight (:class:`_Projection`): at most one copy of each weight, for the life of
+    the decoder (one rollout call). The norms, the residual stream and
     attention (over the buffers widened to it) stay in the parameters' dtype; the logits come out
     in ``dtype``.
     """
