@@ -181,7 +181,7 @@ def test_models_it_cannot_apply_fall_back_to_packing(tokenizer, monkeypatch):
 def test_compiled_layers_give_the_padded_values_and_gradients(tokenizer):
     """``model.compile``: the layers' arithmetic around attention through torch.compile (dynamic
     shapes) gives the padded path's values and gradients to float32 round-off, also for a batch of
-    other widths (the cut rows) without a new graph."""
+    other widths (the cut rows) without a new graph, and under gradient checkpointing."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -198,3 +198,9 @@ def test_compiled_layers_give_the_padded_values_and_gradients(tokenizer):
             assert graphs >= 2  # the two pieces (forward graphs; their backward is compiled with them)
     assert packed_shared.compiled_layer_pieces.cache_info().currsize == 1
     assert counters["stats"]["unique_graphs"] == graphs  # the other widths reused the dynamic graphs
+    # Under gradient checkpointing the backward recomputes each layer through the compiled pieces.
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()  # (checkpointed layers recompute only while training)
+    ids, mask, response_mask = batch(tokenizer)
+    assert_same(run(policy, ids, mask, response_mask, pack=True, share_prompts=True, compiled=True),
+                run(policy, ids, mask, response_mask), response_mask)
