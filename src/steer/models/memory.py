@@ -47,12 +47,12 @@ What is counted, per GPU (bytes; ``P`` parameters, ``S`` ranks sharing the FSDP 
   sequences of the step) x ``(max_prompt_length + max_new_tokens)`` x ``2 (K, V) x layers x
   kv_heads x head_dim`` bytes in ``rollout.engine.dtype`` (our
   :class:`~steer.rollout.decode.FunctionalDecoder` preallocates it in that dtype; the model's own
-  cache holds the projections' outputs, which autocast puts in that dtype), its joined projections (q/k/v and gate/up of each layer in the
-  parameters' dtype, or every projection and the head cast to ``rollout.engine.dtype``; on a CPU
-  also a oneDNN-prepacked copy of each weight of at least ``PREPACK_MIN_WEIGHTS`` elements), the
-  prefill's transient (one layer at a time over the batch's prompt
-  tokens; the functional decoder prefills each prompt once for its ``n`` samples), the sampler's
-  ``[B, V]`` float32 buffers, and under FSDP the gathered units. ``rollout=vllm``: the engine
+  cache holds the projections' outputs, which autocast puts in that dtype), its joined
+  projections (q/k/v and gate/up of each layer in the parameters' dtype, or every projection and
+  the head cast to ``rollout.engine.dtype``; on a CPU also a oneDNN-prepacked copy of each weight
+  of at least ``PREPACK_MIN_WEIGHTS`` elements), the prefill's transient (one layer at a time over
+  the batch's prompt tokens; the functional decoder prefills each prompt once for its ``n``
+  samples), the sampler's ``[B, V]`` float32 buffers, and under FSDP the gathered units. ``rollout=vllm``: the engine
   takes ``gpu_memory_utilization x device memory`` while it generates (or its weights plus
   ``kv_cache_memory_bytes`` when that is set), and keeps it during the update unless
   ``sleep_level >= 1`` (weights offloaded or dropped, KV cache freed: ~0 left).

@@ -175,9 +175,8 @@ class FunctionalDecoder:
     storage. The decoder holds the layers' projections joined (:class:`_JoinedLayer`) in it, plus
     the output head when that is another dtype than the parameters', and on a CPU a prepacked copy
     of each larger weight (:class:`_Projection`): at most one copy of each weight, for the life of
-    the decoder (one rollout call). The norms, the residual stream and
-    attention (over the buffers widened to it) stay in the parameters' dtype; the logits come out
-    in ``dtype``.
+    the decoder (one rollout call). The norms, the residual stream and attention (over the buffers
+    widened to it) stay in the parameters' dtype; the logits come out in ``dtype``.
     """
 
     def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_len: int,
