@@ -121,11 +121,12 @@ def test_bench_vs_trl_one_pair(tmp_path):
                "--warmup", "1", "--threads", "1", "--workloads", "variable", "--ours", "default=",
                "--ours", "packed=algorithm.pack_sequences=true",
                "--ours", "packed_shared=algorithm.pack_sequences=true algorithm.share_prompt_prefix=true",
-               "--trl-bf16", "--trl-attn", "eager", "--json", str(out)]
+               "--trl-bf16", "--trl-attn", "eager", "--trl-reuse-freed-memory", "--json", str(out)]
     subprocess.run(command, cwd=REPO, check=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
     report = json.loads(out.read_text())
-    assert report["trl_bf16"] is True and report["trl_attn"] == "eager"
+    assert report["trl_bf16"] is True and report["trl_attn"] == "eager" and report["trl_reuse_freed_memory"] is True
     summary = report["results"]["variable"]["small"]
+    assert summary["runs"]["trl"][0]["malloc_mmap_threshold"] == str(32 << 20)  # the thresholds reached TRL's process
     for name in ("default", "packed", "packed_shared"):
         ours = summary["ours"][name]
         assert ours["parameters"] == summary["parameters"]

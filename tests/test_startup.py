@@ -83,6 +83,7 @@ CASES = {
     "micro_batch_tokens_0": (["algorithm.micro_batch_tokens=0"], r"algorithm\.micro_batch_tokens=0 is not valid; allowed: an integer >= 1, or null"),
     "dtype_float8": (["model.dtype=float8"], r"model\.dtype='float8' is not valid; choose one of \['bfloat16', 'float16', 'float32'\]"),
     "threads_0": (["threads=0"], r"threads=0 is not valid; allowed: an integer >= 1, auto \(the free cores\), or null"),
+    "reuse_freed_memory_not_bool": (["reuse_freed_memory=yes"], r"reuse_freed_memory='yes' is not valid; choose one of"),
     "seed_negative": (["seed=-1"], r"seed=-1 is not valid; allowed: an integer >= 0 and <= 4294967295"),
     "temperature_negative": (["rollout.temperature=-1"], r"rollout\.temperature=-1.0 is not valid; allowed: a finite number > 0"),
     "temperature_nan": (["rollout.temperature=nan"], r"rollout\.temperature=nan"),

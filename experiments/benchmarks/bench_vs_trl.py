@@ -7,7 +7,9 @@ optimiser step, at most 48 new tokens, temperature 1, one optimiser step per rol
 learning rate (constant), AdamW, gradient clipping at 1, token-mean (DAPO) loss with clip 0.2, no KL
 term (TRL ``beta=0``: no reference model), float32 on CPU (``--trl-bf16 --trl-attn eager`` gives TRL
 the arithmetic of ``model.compute_dtype=bfloat16 model.attn_implementation=eager``), 2 torch threads, the project's math
-reward for both, no evaluation, no entropy probe, no logging, no checkpoints.
+reward for both, no evaluation, no entropy probe, no logging, no checkpoints. Ours runs with its
+default ``reuse_freed_memory=true`` (glibc's malloc thresholds fixed, see ``steer.allocator``);
+``--trl-reuse-freed-memory`` gives TRL's process the same thresholds (glibc's ``MALLOC_*`` variables).
 
 Each run is its own subprocess (imports, thread pools and allocator state equal), the two systems
 alternate run by run (ours, TRL, TRL, ours, ours, TRL, ...: the start order flips every pair so
@@ -216,7 +218,8 @@ def run_trl(spec: dict, warmup: int) -> dict:
     if len(clock.seconds) != spec["steps"]:
         raise RuntimeError(f"TRL made {len(clock.seconds)} optimiser steps, expected {spec['steps']}")
     return {"step_median_s": statistics.median(clock.seconds[warmup:]), "parameters": sum(p.numel() for p in model.parameters()),
-            "step_s": clock.seconds, "generated_tokens_per_step": statistics.median(clock.tokens[warmup:]) if clock.tokens else None}
+            "step_s": clock.seconds, "generated_tokens_per_step": statistics.median(clock.tokens[warmup:]) if clock.tokens else None,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -254,6 +257,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True (bf16 autocast) instead of float32")
     parser.add_argument("--trl-attn", help="TRL's model with this attn_implementation (e.g. eager) instead of its own SDPA")
+    parser.add_argument("--trl-reuse-freed-memory", action="store_true",
+                        help="TRL's process with the malloc thresholds ours sets (reuse_freed_memory, via glibc's MALLOC_* variables)")
     parser.add_argument("--trl-python", type=Path, default=TRL_PYTHON, help="python of the venv with trl")
     parser.add_argument("--json", type=Path, help="write every run and the ratios here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -281,8 +286,14 @@ def main() -> None:
     variants = dict(args.ours or [("default", [])])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                TOKENIZERS_PARALLELISM="false")
+    trl_env = env
+    if args.trl_reuse_freed_memory:  # the same thresholds as steer.allocator, read by glibc at TRL's start
+        from steer.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        trl_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     report = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "trl_bf16": args.trl_bf16, "trl_attn": args.trl_attn,
+              "trl_reuse_freed_memory": args.trl_reuse_freed_memory,
               "variants": {name: overrides for name, overrides in variants.items()}, "results": {}}
     print(f"{'workload':>8} {'size':>5} {'system':>12} {'pair':>4} {'params':>9} {'wall_s':>7} {'step_med_s':>10} "
           f"{'tokens/step':>11}  load average", flush=True)
@@ -302,7 +313,7 @@ def main() -> None:
                         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", "--size", size,
                                    "--workload", workload_name, f"--extra={' '.join(variants[system])}", *common]
                     load = os.getloadavg()
-                    wall, result, _ = launch(command, env)
+                    wall, result, _ = launch(command, trl_env if system == "trl" else env)
                     result.update(wall_s=wall, load_average=list(load))
                     runs[system].append(result)
                     tokens = result.get("generated_tokens_per_step")

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from steer.allocator import reuse_freed_memory
 from steer.callbacks.summary import SummaryCallback
 from steer.callbacks.threads import ThreadGovernor, busy_cores, threads_for
 from steer.checkpointing import load_checkpoint_policy, read_resume_info, skip_logged_steps
@@ -131,6 +132,8 @@ def build_module(cfg: DictConfig, prompts=None) -> tuple[RLVRModule, dict | None
     threads = choose_threads(cfg.get("threads"))
     if threads is not None:
         torch.set_num_threads(threads)
+    if cfg.get("reuse_freed_memory", True):  # glibc keeps freed CPU memory for reuse (steer.allocator)
+        reuse_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     reward = instantiate(cfg.reward)  # its arguments were checked by check_config
     task = instantiate(cfg.data.task) if cfg.data.get("task") else None

@@ -177,12 +177,13 @@ def check_rollout(rollout: RolloutConfig) -> None:
 
 
 def check_run(cfg: DictConfig) -> None:
-    """Top-level knobs: ``mode``, ``seed``, ``threads``."""
+    """Top-level knobs: ``mode``, ``seed``, ``threads``, ``reuse_freed_memory``."""
     one_of("mode", select(cfg, "mode", "train"), {"train", "eval"})
     number("seed", select(cfg, "seed"), 0, SEED_MAX, integer=True)
     threads = select(cfg, "threads")
     if threads is not None and threads != "auto":
         number("threads", threads, 1, integer=True, allowed="an integer >= 1, auto (the free cores), or null for torch's default")
+    one_of("reuse_freed_memory", select(cfg, "reuse_freed_memory", True), {True, False})
 
 
 def check_output(cfg: DictConfig) -> None:
