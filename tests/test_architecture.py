@@ -14,7 +14,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "src" / "steer"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("steer.paths", "steer.knobs", "steer.distributed"),                      # 0 foundation
+    ("steer.paths", "steer.knobs", "steer.distributed", "steer.allocator"),  # 0 foundation
     ("steer.algo", "steer.data", "steer.rewards", "steer.rollout", "steer.models",
      "steer.checkpointing", "steer.tracking"),                                # 1 the parts
     ("steer.config", "steer.module", "steer.observers", "steer.step_metrics", "steer.optimizer"),  # 2 the step
