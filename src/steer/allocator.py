@@ -6,15 +6,16 @@ glibc's ``malloc`` serves blocks above its mmap threshold (128 KB at start, rais
 to the largest block freed so far) with fresh ``mmap`` pages and gives the top of its heap back to
 the kernel once more than its trim threshold is free there; the next allocation of that size then
 page-faults its memory in again, one fault and one page zeroing per 4 KB. Decoding the TRL
-benchmark's fixed shape (2.38M policy, bf16) took 5,000-10,000 minor faults per call.
+benchmark's fixed shape (2.38M policy, bf16) took 5,300-10,500 minor faults per call.
 
 :func:`reuse_freed_memory` fixes both thresholds with ``mallopt``: blocks below 32 MB (glibc's
 ceiling for the mmap threshold on 64-bit) come from the heap, and the heap keeps up to 64 MB of
-free memory at its top. The same decoding then took 3-700 faults per call, and an RL step of that
-benchmark was 3-6% faster (``bench_step.py``, interleaved; see the benchmarks README). The price:
-up to 64 MB of freed memory stays counted in the process's resident size until it is reused,
-which the peak (what decides an out-of-memory kill) does not change. Larger tensors are mmapped
-as before. Only glibc has ``mallopt``; elsewhere (macOS, musl) nothing changes.
+free memory at its top. The same decoding then took 3-1,100 faults per call, and an RL step of
+that benchmark was ~6% faster (``bench_step.py``, median of 4 interleaved pairs; see the
+benchmarks README). The price: up to 64 MB of freed memory stays counted in the process's
+resident size until it is reused; the peak (what decides an out-of-memory kill) is unchanged.
+Larger tensors are mmapped as before. Only glibc has ``mallopt``; elsewhere (macOS, musl)
+nothing changes.
 """
 
 from __future__ import annotations
