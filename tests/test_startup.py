@@ -91,6 +91,8 @@ CASES = {
     "compile_without_layout": (["model.compile=true", "algorithm.pack_sequences=true"],
                                r"model\.compile=true compiles the layers that algorithm\.pack_sequences=true and "
                                r"algorithm\.share_prompt_prefix=true apply by hand"),
+    "compile_under_fsdp": (["model.compile=true", "algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true",
+                            "trainer=fsdp"], r"model\.compile=true does not apply under FSDP"),
     "engine_dtype": (["rollout.engine.dtype=bf16"], r"rollout\.engine\.dtype='bf16': choose auto, float32, bfloat16, float16"),
     "eval_every_0": (["eval.every_n_steps=0"], r"eval\.every_n_steps=0 is not valid; allowed: an integer >= 1"),
     "eval_temperature": (["eval.benchmarks.arithmetic.temperature=0"], r"eval\.benchmarks\.arithmetic\.temperature=0"),

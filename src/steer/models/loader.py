@@ -265,7 +265,8 @@ FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash
 
 def check_compile(cfg: DictConfig) -> None:
     """``model.compile``: a boolean; when on, the layout it compiles (packing and prompt sharing at
-    once, not FSDP) and, without a GPU, a C++ compiler for Inductor's CPU kernels."""
+    once) and, without a GPU, a C++ compiler for Inductor's CPU kernels. (Not under FSDP:
+    :func:`steer.models.sharding.check_fsdp` refuses it there.)"""
     compile_layers = select(cfg, "model.compile", False)
     one_of("model.compile", compile_layers, {True, False})
     if not compile_layers:
@@ -273,9 +274,6 @@ def check_compile(cfg: DictConfig) -> None:
     if not (select(cfg, "algorithm.pack_sequences", False) and select(cfg, "algorithm.share_prompt_prefix", False)):
         raise ConfigError("model.compile=true compiles the layers that algorithm.pack_sequences=true and "
                           "algorithm.share_prompt_prefix=true apply by hand; set both, or model.compile=false")
-    if "FullyShardedStrategy" in str(select(cfg, "trainer.strategy._target_", "") or ""):
-        raise ConfigError("model.compile=true does not apply under FSDP (its layers run their own forward); "
-                          "set model.compile=false")
     gpu = may_use_gpu(select(cfg, "trainer.accelerator", "auto")) and torch.cuda.is_available()
     if not gpu and not any(shutil.which(name) for name in (os.environ.get("CXX") or "g++", "g++", "clang++")):
         raise ConfigError("model.compile=true on a CPU needs a C++ compiler for torch.compile's kernels (g++ or "

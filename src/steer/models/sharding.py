@@ -97,8 +97,8 @@ class FullyShardedStrategy(ModelParallelStrategy):
 
 
 def check_fsdp(cfg: DictConfig) -> None:
-    """``trainer=fsdp``: a known ``mixed_precision`` and a model large enough to shard. (Rollout
-    engines take FSDP's shards: :mod:`steer.rollout.weight_sync` gathers them for vLLM.)"""
+    """``trainer=fsdp``: a known ``mixed_precision``, no ``model.compile`` and a model large enough
+    to shard. (Rollout engines take FSDP's shards: :mod:`steer.rollout.weight_sync` gathers them for vLLM.)"""
     trainer = cfg.get("trainer")
     strategy = trainer.get("strategy") if trainer is not None else None
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
@@ -107,6 +107,9 @@ def check_fsdp(cfg: DictConfig) -> None:
         if precision not in MIXED_PRECISION_CHOICES:
             raise ConfigError(f"trainer.strategy.mixed_precision={precision!r} is not valid; choose one of "
                               f"{', '.join('null' if key is None else key for key in MIXED_PRECISION_CHOICES)}")
+        if (cfg.get("model") or {}).get("compile"):
+            raise ConfigError("model.compile=true does not apply under FSDP (its layers run their own forward); "
+                              "set model.compile=false")
         if not (cfg.get("model") or {}).get("path"):
             raise ConfigError(
                 "trainer=fsdp shards the model's parameters over ranks, but model.path=null builds the tiny "
