@@ -34,7 +34,8 @@ TRIM_THRESHOLD = 64 << 20
 def reuse_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for this process (see the module docstring). True if
     both were set; False where the C library is not glibc or refuses a value (then nothing is
-    changed for that value). Process-wide and permanent: call it once, at start-up."""
+    changed for that value). Process-wide and permanent; calling it again sets the same values
+    (``steer.app.build_module`` calls it for every module it builds)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         log.debug("reuse_freed_memory: not glibc (%s), malloc left as is", platform.libc_ver())
         return False
