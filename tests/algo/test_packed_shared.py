@@ -7,14 +7,13 @@ the projections and MLPs, with the log-probs, entropies, loss and gradients of o
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 import steer.algo.logprobs as logprobs_module
 import steer.algo.packed_shared as packed_shared
 from steer.algo.logprobs import response_logprobs_and_entropy
+from steer.models.loader import cpp_compiler_found
 from steer.models.tiny import build_char_tokenizer, build_tiny_policy
 from tests.algo.test_shared_prompts import R, batch
 
@@ -177,7 +176,7 @@ def test_models_it_cannot_apply_fall_back_to_packing(tokenizer, monkeypatch):
     assert packed == [1]
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="torch.compile's CPU kernels need a C++ compiler")
+@pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile's CPU kernels need a C++ compiler")
 def test_compiled_layers_give_the_padded_values_and_gradients(tokenizer):
     """``model.compile``: the layers' arithmetic around attention through torch.compile (dynamic
     shapes) gives the padded path's values and gradients to float32 round-off, also for a batch of

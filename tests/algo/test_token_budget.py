@@ -11,7 +11,6 @@ order: measured <= 3e-7 of each gradient's largest entry; 1e-5 allowed). Rollout
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import torch.multiprocessing as mp
 import steer.app
 from steer.algo.batching import padded_tokens, token_budget_microbatches
 from steer.app import train
+from steer.models.loader import cpp_compiler_found
 from steer.module import RLVRModule
 from tests.conftest import TINY_RUN, compose
 from tests.distributed.ddp_driver import ScriptedRollout
@@ -125,7 +125,7 @@ def test_less_padding_gives_the_padded_update(tmp_path, monkeypatch, aggregation
         assert budget[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-7), key
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="torch.compile's CPU kernels need a C++ compiler")
+@pytest.mark.skipif(not cpp_compiler_found(), reason="torch.compile's CPU kernels need a C++ compiler")
 def test_the_compiled_packed_shared_update_gives_the_padded_update(tmp_path, monkeypatch):
     """``model.compile=true`` end to end (the module passes it to every packed + shared forward):
     the same gradient and metrics as the padded update, and the compiled layer pieces ran."""

@@ -263,6 +263,11 @@ FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash
 """The package each flash-attention kernel needs (both run on CUDA GPUs only)."""
 
 
+def cpp_compiler_found() -> bool:
+    """Whether torch.compile's CPU kernels can be built here: ``$CXX``, ``g++`` or ``clang++`` on PATH."""
+    return any(shutil.which(name) for name in (os.environ.get("CXX") or "g++", "g++", "clang++"))
+
+
 def check_compile(cfg: DictConfig) -> None:
     """``model.compile``: a boolean; when on, the layout it compiles (packing and prompt sharing at
     once) and, without a GPU, a C++ compiler for Inductor's CPU kernels. (Not under FSDP:
@@ -275,7 +280,7 @@ def check_compile(cfg: DictConfig) -> None:
         raise ConfigError("model.compile=true compiles the layers that algorithm.pack_sequences=true and "
                           "algorithm.share_prompt_prefix=true apply by hand; set both, or model.compile=false")
     gpu = may_use_gpu(select(cfg, "trainer.accelerator", "auto")) and torch.cuda.is_available()
-    if not gpu and not any(shutil.which(name) for name in (os.environ.get("CXX") or "g++", "g++", "clang++")):
+    if not gpu and not cpp_compiler_found():
         raise ConfigError("model.compile=true on a CPU needs a C++ compiler for torch.compile's kernels (g++ or "
                           "clang++ on PATH, or CXX); install one (e.g. apt-get install g++) or set model.compile=false")
 
