@@ -91,8 +91,6 @@ CASES = {
     "compile_without_layout": (["model.compile=true", "algorithm.pack_sequences=true"],
                                r"model\.compile=true compiles the layers that algorithm\.pack_sequences=true and "
                                r"algorithm\.share_prompt_prefix=true apply by hand"),
-    "compile_under_fsdp": (["model.compile=true", "algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true",
-                            "trainer=fsdp"], r"model\.compile=true does not apply under FSDP"),
     "engine_dtype": (["rollout.engine.dtype=bf16"], r"rollout\.engine\.dtype='bf16': choose auto, float32, bfloat16, float16"),
     "eval_every_0": (["eval.every_n_steps=0"], r"eval\.every_n_steps=0 is not valid; allowed: an integer >= 1"),
     "eval_temperature": (["eval.benchmarks.arithmetic.temperature=0"], r"eval\.benchmarks\.arithmetic\.temperature=0"),
@@ -354,6 +352,16 @@ def test_cli_start_up_error_in_a_multirun_leaves_no_sweep_folder(tmp_path):
     result = _run_cli(["-m", *TINY_RUN, "seed=-1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert "seed=-1" in _one_line_error(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_under_fsdp_is_refused(tmp_path, nothing_built, monkeypatch):
+    import steer.models.loader as loader
+
+    monkeypatch.setattr(loader, "cpp_compiler_found", lambda: True)  # (the CPU image has none; that check comes first)
+    cfg = compose(_with_tiny_run(["model.compile=true", "algorithm.pack_sequences=true", "algorithm.share_prompt_prefix=true",
+                                  "trainer=fsdp"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.compile=true does not apply under FSDP"):
+        train(cfg)
 
 
 def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused(tmp_path, nothing_built, monkeypatch):
