@@ -138,3 +138,37 @@ def test_the_measurement_sees_bfloat16_parameters_lose_their_updates(trained):
     assert unchecked["parameter_dtypes"] == ["bfloat16"]
     assert unchecked["moved"] < 0.1, unchecked
     assert unchecked["mean_abs_drift"] < 0.1 * reference["mean_abs_drift"], (unchecked, reference)
+
+
+def test_cpu_native_arithmetic_follows_onednn_own_probe():
+    from steer.models.precision import cpu_has_native
+
+    assert cpu_has_native("float32") and cpu_has_native("float64")
+    assert cpu_has_native("bfloat16") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert cpu_has_native("float16") == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_low_precision_on_a_cpu_without_native_arithmetic_is_warned_about(monkeypatch, caplog, native):
+    import steer.models.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native", lambda dtype: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    overrides = ["model.compute_dtype=bfloat16", "rollout.engine.dtype=float16"]
+    with caplog.at_level("WARNING", logger="steer.models.precision"):
+        precision.check_precision(compose(overrides))
+        precision.check_precision(compose(["model.compute_dtype=float32", "rollout.engine.dtype=auto"]))
+    warned = [record.getMessage() for record in caplog.records]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 2
+        assert warned[0].startswith("model.compute_dtype=bfloat16 on a CPU without native bfloat16 arithmetic")
+        assert warned[1].startswith("rollout.engine.dtype=float16 on a CPU without native float16 arithmetic")
+    caplog.clear()
+    # A run that will use a GPU is not warned about (its arithmetic is the GPU's).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    with caplog.at_level("WARNING", logger="steer.models.precision"):
+        precision.check_precision(compose(overrides))
+    assert caplog.records == []
