@@ -185,18 +185,22 @@ def test_the_decoders_joined_weights_are_the_bytes_it_copies(engine_dtype, famil
     arch = Architecture.from_hf_config(config)
     element = torch.tensor([], dtype=engine_dtype).element_size()
     params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    # bf16 is prepacked only on CPUs with native bf16 arithmetic (AVX-512 BF16, AMX).
+    can_pack = decode.prepacks_dtype(engine_dtype)
+    assert can_pack == (engine_dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     for threshold in (10**12, config.hidden_size**2):  # nothing prepacked; q/k/v, gate/up, down (and o) prepacked
         monkeypatch.setattr(decode, "PREPACK_MIN_WEIGHTS", threshold)
         decoder = FunctionalDecoder(model, torch.ones(2, 3, dtype=torch.bool), 8, dtype=engine_dtype)
         projections = [projection for block in decoder.blocks for projection in block[:4]] + [decoder.head_projection]
         packed = sum(projection.packed is not None for projection in projections)
-        assert packed == (0 if threshold > 10**6 else 4 * config.num_hidden_layers + (config.vocab_size * config.hidden_size >= threshold))
+        packing = can_pack and threshold < 10**6
+        assert packed == (4 * config.num_hidden_layers + (config.vocab_size * config.hidden_size >= threshold) if packing else 0)
         copies = {}
         for tensor in (t for projection in projections for t in projection.tensors()):
             key = id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
             if tensor.is_mkldnn or key not in params:
                 copies[key] = tensor.numel() * tensor.element_size()
-        estimated = decoder_weight_bytes(arch, 4, element, prepacked=threshold < 10**6)[0]
+        estimated = decoder_weight_bytes(arch, 4, element, prepacked=packing)[0]
         assert estimated == sum(copies.values()) > 0, (threshold, estimated, sum(copies.values()))
 
 

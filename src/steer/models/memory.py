@@ -50,7 +50,7 @@ What is counted, per GPU (bytes; ``P`` parameters, ``S`` ranks sharing the FSDP 
   cache holds the projections' outputs, which autocast puts in that dtype), its joined
   projections (q/k/v and gate/up of each layer in the parameters' dtype, or every projection and
   the head cast to ``rollout.engine.dtype``; on a CPU also a oneDNN-prepacked copy of each weight
-  of at least ``PREPACK_MIN_WEIGHTS`` elements), the prefill's transient (one layer at a time over
+  of at least ``PREPACK_MIN_WEIGHTS`` elements, float32 always, bf16 only on CPUs with native bf16), the prefill's transient (one layer at a time over
   the batch's prompt tokens; the functional decoder prefills each prompt once for its ``n``
   samples), the sampler's ``[B, V]`` float32 buffers, and under FSDP the gathered units. ``rollout=vllm``: the engine
   takes ``gpu_memory_utilization x device memory`` while it generates (or its weights plus
@@ -339,8 +339,9 @@ class Layout:
     kv_cache_memory_bytes: int | None = None
     """``rollout=vllm``: a fixed KV cache instead of ``gpu_memory_utilization``."""
     engine_dtype_bytes: int = 2
-    cpu: bool = False
-    """The run is on CPUs: the functional decoder prepacks its larger weights for oneDNN (a copy each)."""
+    prepacks: bool = False
+    """The functional decoder prepacks its larger weights for oneDNN (a copy each): a CPU run whose
+    decoding dtype this CPU prepacks (:func:`steer.rollout.decode.prepacks_dtype`)."""
     engine_tensor_parallel: int = 1
     """``rollout=vllm``: GPUs that share one engine (its weights are split over them)."""
     sync_bucket_bytes: int = 2**30
@@ -470,7 +471,7 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
         # auto: bfloat16 on a GPU, else the policy's dtype (steer.rollout.vllm)
         engine_dtype_bytes=(2 if gpu else param_bytes) if engine_dtype == "auto" else DTYPE_BYTES.get(engine_dtype, param_bytes),
         engine_tensor_parallel=int(_knob(cfg, "rollout.engine.tensor_parallel_size", 1) or 1),
-        cpu=not gpu,
+        prepacks=not gpu and _cpu_prepacks(engine_dtype, param_bytes),
         sync_bucket_bytes=int(_knob(cfg, "rollout.engine.sync_bucket_bytes", 2**30) or 2**30),
         sleep_level=int(_knob(cfg, "rollout.engine.sleep_level", 0)),
         reference_model=float(_knob(cfg, "algorithm.kl.coef", 0.0)) > 0,
@@ -734,7 +735,7 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
             add(ROLLOUT, f"{cname} weights for compute", gathered, gathered_text)
         add(ROLLOUT, "KV cache", kv, kv_text)
         if functional:  # its joined projections (steer.rollout.decode._JoinedLayer), in rollout.engine.dtype
-            joined, joined_text = decoder_weight_bytes(arch, p, layout.engine_dtype_bytes, prepacked=layout.cpu)
+            joined, joined_text = decoder_weight_bytes(arch, p, layout.engine_dtype_bytes, prepacked=layout.prepacks)
             add(ROLLOUT, "decoder's joined weights", joined, joined_text)
         prefill_rows = B // layout.samples_per_prompt if functional and layout.samples_per_prompt > 1 else B
         per_token = inference_bytes_per_token(arch, c, layout.prompt_tokens)
@@ -756,6 +757,18 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
         add(GLOBAL_PASS, "output head chunk (no grad)", head_chunk_bytes(arch, min(layout.logprob_chunk_tokens, rows * R), c),
             f"3 x {min(layout.logprob_chunk_tokens, rows * R)} x {V} x 4 B")
     return result
+
+
+def _cpu_prepacks(engine_dtype: str, param_bytes: int) -> bool:
+    """Whether the functional decoder of a CPU run prepacks its larger weights: ``rollout.engine.dtype``
+    (``auto``: the parameters' dtype on a CPU) is one this CPU prepacks."""
+    import torch
+
+    from steer.rollout.decode import prepacks_dtype
+
+    name = {4: "float32", 2: "bfloat16"}.get(param_bytes, "float64") if engine_dtype == "auto" else engine_dtype
+    dtype = getattr(torch, name, None)
+    return isinstance(dtype, torch.dtype) and prepacks_dtype(dtype)
 
 
 def decoder_weight_bytes(arch: Architecture, param_bytes: int, engine_bytes: int, prepacked: bool = False) -> tuple[int, str]:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from steer.models.functional import rotate, supports_functional
+from steer.models.precision import cpu_has_native
 
 COMPACT_FRACTION = 8
 """The decoding loop drops finished rows once they are at least 1/8 of the rows it runs (each drop
@@ -115,15 +116,22 @@ def _joined(linears: list[torch.nn.Linear], dtype: torch.dtype) -> tuple[torch.T
                          for linear in linears])
 
 
-def prepacks(weight: torch.Tensor) -> bool:
-    """Whether :class:`_Projection` hands ``weight`` to oneDNN prepacked (see :data:`PREPACK_MIN_WEIGHTS`)."""
-    if weight.device.type != "cpu" or weight.numel() < PREPACK_MIN_WEIGHTS or not torch.backends.mkldnn.is_available():
+def prepacks_dtype(dtype: torch.dtype) -> bool:
+    """Whether this CPU's decoder prepacks weights of ``dtype`` (the size rule aside): float32 where
+    torch has oneDNN's prepacked linear, bfloat16 only where the CPU also has native bf16
+    arithmetic (:func:`steer.models.precision.cpu_has_native`), other dtypes never."""
+    if not torch.backends.mkldnn.is_available():
         return False
     if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")):
         return False  # private operators: a torch build without them decodes with F.linear
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+    if dtype == torch.bfloat16:
+        return cpu_has_native("bfloat16")
+    return dtype == torch.float32
+
+
+def prepacks(weight: torch.Tensor) -> bool:
+    """Whether :class:`_Projection` hands ``weight`` to oneDNN prepacked (see :data:`PREPACK_MIN_WEIGHTS`)."""
+    return weight.device.type == "cpu" and weight.numel() >= PREPACK_MIN_WEIGHTS and prepacks_dtype(weight.dtype)
 
 
 class _Projection:
