@@ -425,7 +425,8 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
 
     model_dtype = str(_knob(cfg, "model.dtype", "float32"))
     precision = str(_knob(cfg, "trainer.precision", "32-true"))
-    param_bytes = DTYPE_BYTES.get(stepped_dtype(model_dtype, precision), 4)
+    stepped = stepped_dtype(model_dtype, precision)
+    param_bytes = DTYPE_BYTES.get(stepped, 4)
     # What sets the arithmetic's dtype (both follow model.compute_dtype unless overridden): FSDP's cast,
     # else Lightning's autocast precision. "auto" is estimated as on a GPU that has bfloat16.
     if fsdp:
@@ -471,7 +472,8 @@ def layout_from_config(cfg: Any, gpu: bool | None = None) -> Layout:
         # auto: bfloat16 on a GPU, else the policy's dtype (steer.rollout.vllm)
         engine_dtype_bytes=(2 if gpu else param_bytes) if engine_dtype == "auto" else DTYPE_BYTES.get(engine_dtype, param_bytes),
         engine_tensor_parallel=int(_knob(cfg, "rollout.engine.tensor_parallel_size", 1) or 1),
-        prepacks=not gpu and _cpu_prepacks(engine_dtype, param_bytes),
+        # auto on a CPU: the stepped parameters' dtype
+        prepacks=not gpu and _cpu_prepacks(stepped if engine_dtype == "auto" else engine_dtype),
         sync_bucket_bytes=int(_knob(cfg, "rollout.engine.sync_bucket_bytes", 2**30) or 2**30),
         sleep_level=int(_knob(cfg, "rollout.engine.sleep_level", 0)),
         reference_model=float(_knob(cfg, "algorithm.kl.coef", 0.0)) > 0,
@@ -759,15 +761,13 @@ def estimate(arch: Architecture, layout: Layout, device_bytes: int | None = None
     return result
 
 
-def _cpu_prepacks(engine_dtype: str, param_bytes: int) -> bool:
-    """Whether the functional decoder of a CPU run prepacks its larger weights: ``rollout.engine.dtype``
-    (``auto``: the parameters' dtype on a CPU) is one this CPU prepacks."""
+def _cpu_prepacks(dtype_name: str) -> bool:
+    """Whether the functional decoder of a CPU run decoding in ``dtype_name`` prepacks its larger weights."""
     import torch
 
     from steer.rollout.decode import prepacks_dtype
 
-    name = {4: "float32", 2: "bfloat16"}.get(param_bytes, "float64") if engine_dtype == "auto" else engine_dtype
-    dtype = getattr(torch, name, None)
+    dtype = getattr(torch, dtype_name, None)
     return isinstance(dtype, torch.dtype) and prepacks_dtype(dtype)
 
 
