@@ -238,7 +238,7 @@ def test_bench_update_layouts_counts_less_work_for_each_saving():
     import bench_update_layouts
 
     # float32: the slots do not depend on the dtype, and bf16 autocast is ~7x slower on a CPU without
-    # native bf16 (153 s of this test on an AVX2-only CPU, 20 s in float32).
+    # native bf16 (153 s of this test on an AVX2-only CPU, 16 s in float32).
     results = bench_update_layouts.main(["--shape", "fixed", "paper", "--size", "small", "--rounds", "1", "--threads", "1",
                                           "--float32"])
     for shape, result in results.items():
