@@ -50,8 +50,9 @@ What is counted, per GPU (bytes; ``P`` parameters, ``S`` ranks sharing the FSDP 
   cache holds the projections' outputs, which autocast puts in that dtype), its joined
   projections (q/k/v and gate/up of each layer in the parameters' dtype, or every projection and
   the head cast to ``rollout.engine.dtype``; on a CPU also a oneDNN-prepacked copy of each weight
-  of at least ``PREPACK_MIN_WEIGHTS`` elements, float32 always, bf16 only on CPUs with native bf16), the prefill's transient (one layer at a time over
-  the batch's prompt tokens; the functional decoder prefills each prompt once for its ``n``
+  of at least ``PREPACK_MIN_WEIGHTS`` elements where :func:`~steer.rollout.decode.prepacks_dtype`
+  says so: float32, and bf16 only on CPUs with native bf16), the prefill's transient (one layer at
+  a time over the batch's prompt tokens; the functional decoder prefills each prompt once for its ``n``
   samples), the sampler's ``[B, V]`` float32 buffers, and under FSDP the gathered units. ``rollout=vllm``: the engine
   takes ``gpu_memory_utilization x device memory`` while it generates (or its weights plus
   ``kv_cache_memory_bytes`` when that is set), and keeps it during the update unless
